@@ -1,0 +1,102 @@
+"""The baseline: a bigram model, in which the current character alone predicts the next one.
+
+It is the lecture's first model. Its only parameters are a vocab_size x vocab_size table: row i holds
+the logits (unnormalised log-probabilities) of the character that follows character i. Everything
+else (data, training loop, evaluation, checkpoints, sampling, the command line) is gpt.py's.
+
+    python bigram.py                     train (under a minute on a CPU), then compare with counting
+    python bigram.py --sample            write text with the model saved in out-bigram/ckpt.pt
+
+At the end it compares its val loss with the best any bigram model can do: the table of next-character
+frequencies counted in the training text (add-one smoothed). Gradient descent should find about that.
+"""
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import gpt
+
+# The lecture's bigram settings (its bigram.py: batch 32, block 8, lr 1e-2, 3000 iterations). A bigram
+# has no context to fit in a block, no dropout, and weight decay would pull its table towards uniform.
+DEFAULTS = replace(
+    gpt.Config(),
+    block_size=8,
+    batch_size=32,
+    learning_rate=1e-2,
+    warmup_iters=0,
+    weight_decay=0.0,
+    max_iters=3000,
+    eval_interval=300,
+    dropout=0.0,
+    out_dir="out-bigram",
+)
+
+
+class BigramLanguageModel(nn.Module):
+    """Each character reads the logits for the next one straight from a table."""
+
+    def __init__(self, vocab_size, cfg):
+        super().__init__()
+        self.block_size = cfg.block_size  # only used to crop the context while sampling
+        self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
+        nn.init.zeros_(self.token_embedding_table.weight)
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):  # cache, start_pos: no use to a bigram
+        logits = self.token_embedding_table(idx)  # (B,T,vocab_size)
+        if targets is None:
+            return logits, None
+        B, T, C = logits.shape
+        return logits, F.cross_entropy(logits.view(B * T, C), targets.reshape(B * T))
+
+    # gpt.py's sampling loop; with the cache on, each step feeds only the newest character, all a bigram needs
+    stream = gpt.GPT.stream
+    generate = gpt.GPT.generate
+
+
+def count_based_loss(train, val, vocab_size):
+    """Val loss of the bigram table estimated from the train split's counts, with add-one smoothing
+    (so that a pair never seen in training still gets a little probability). Exact, with numpy."""
+    counts = np.ones((vocab_size, vocab_size))
+    np.add.at(counts, (train[:-1], train[1:]), 1)
+    log_probs = np.log(counts / counts.sum(axis=1, keepdims=True))
+    return float(-log_probs[val[:-1], val[1:]].mean())
+
+
+@torch.no_grad()
+def whole_split_loss(model, data):
+    """Mean loss over every next-character prediction in `data`, in one pass: a bigram needs no windows."""
+    model.eval()
+    return model(data[None, :-1], data[None, 1:])[1].item()
+
+
+def compare_with_counts(cfg):
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    ckpt = gpt.load_checkpoint(path)
+    tokenizer = gpt.CharTokenizer(ckpt["vocab"])
+    train, val = gpt.split_data(torch.tensor(tokenizer.encode(gpt.load_text(cfg.data)), dtype=torch.long))
+    model = BigramLanguageModel(tokenizer.vocab_size, cfg)
+    gpt.load_model_state(model, ckpt, path)
+    ours = whole_split_loss(model, val)
+    reference = count_based_loss(train.numpy(), val.numpy(), tokenizer.vocab_size)
+    print(f"bigram val loss over the whole val split: {ours:.4f} | counted from the train split (add-one): "
+          f"{reference:.4f} | gap {ours - reference:+.4f}")  # fmt: skip
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    status = gpt.main(argv, DEFAULTS, BigramLanguageModel)
+    overrides = gpt.parse_overrides(argv) if status == 0 else {}
+    if status == 0 and not overrides.get("sample") and os.environ.get("RANK", "0") == "0":
+        compare_with_counts(replace(DEFAULTS, **overrides))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
