@@ -1,0 +1,48 @@
+"""Shared fixtures: where the corpus is, tiny settings, and a way to run the scripts as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# A model small enough to train for a few steps in about a second on a CPU.
+TINY = [
+    "--device=cpu",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=16",
+    "--batch_size=8",
+    "--max_iters=20",
+    "--eval_interval=10",
+    "--eval_iters=2",
+    "--dropout=0",
+    "--max_new_tokens=20",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """The real tiny Shakespeare: input.txt at the root (as .ci/run puts it), else the shared copy."""
+    for path in (ROOT / "input.txt", SHARED_CORPUS):
+        if path.is_file():
+            return path
+    pytest.fail("tiny Shakespeare not found: copy ../shared/data/tinyshakespeare.txt to input.txt")
+
+
+def run_script(script, *args, cwd=None, timeout=120, env=None):
+    """Run `python script args...` in a fresh process; never touches the network (the corpus is given)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
