@@ -182,6 +182,7 @@ def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
         if digest.hexdigest() != sha256:
             raise UserError(f"the file from {url} is not tiny Shakespeare (sha256 {digest.hexdigest()[:16]}..., "
                             f"expected {sha256[:16]}...); {by_hand}")  # fmt: skip
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to us; a data file or checkpoint need not be
         os.replace(tmp, path)
     except requests.RequestException as e:
         reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
@@ -395,7 +396,8 @@ class GPT(nn.Module):
                     logits, _ = self(idx[:, -self.block_size :])
                 elif n_cached == 0 or n_cached == self.block_size:  # (re)build from the newest characters
                     cache.clear()
-                    context = idx[:, -(self.block_size if n_cached == 0 else self.block_size // 2) :]
+                    keep = self.block_size if n_cached == 0 else max(1, self.block_size // 2)  # 1 when block_size is 1
+                    context = idx[:, -keep:]
                     logits, _ = self(context, cache=cache)
                     n_cached = context.size(1)
                 else:  # only the newest character is new
@@ -466,17 +468,21 @@ def train_step(model, optimizer, scaler, x, y, lr, grad_clip, autocast):
 def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1):
     """The mean loss over eval_iters random batches of each split, with dropout off.
 
-    One batch's loss is noisy; an average over many is what we compare and plot. With several processes
-    each takes its own share of the same global batches, and the means are averaged over all of them."""
+    One batch's loss is noisy; an average over many is what we compare and plot. Each batch is a global
+    batch as in training (batch_size x accumulation x processes windows), so the batch generator moves on
+    alike however that batch is split: each process takes its share in micro-batches, and the means are
+    averaged over all of them."""
     model.eval()
+    accum = cfg.gradient_accumulation_steps
     means = []
     for data in splits:
         losses = torch.zeros(cfg.eval_iters, device=data.device)
         for i in range(cfg.eval_iters):
-            x, y = get_batch(data, cfg.batch_size * world_size, cfg.block_size, generator)
-            x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+            x, y = get_batch(data, cfg.batch_size * accum * world_size, cfg.block_size, generator)
+            x = x.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]  # (accum,B,T), as in training
+            y = y.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]
             with autocast:
-                losses[i] = model(x, y)[1]
+                losses[i] = sum(model(x[m], y[m])[1] for m in range(accum)) / accum
         means.append(losses.mean())
     means = torch.stack(means)
     if world_size > 1:
@@ -534,10 +540,24 @@ def resolve_dtype(name, device):
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 units came with compute capability 8.0 (A100); is_bf16_supported() also says yes to older
+        # cards that only emulate it, slowly
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if name != "float32" and device.type != "cuda":
         raise UserError(f"--dtype={name} is for CUDA GPUs; use --dtype=float32 on {device.type}")
     return getattr(torch, name)
+
+
+def fast_path(cfg, device):
+    """The speed-ups, all of which only change anything on a CUDA GPU: the training dtype, an autocast
+    context that runs matrix products in it, a gradient scaler (which only acts for float16), TF32 for the
+    remaining float32 products, and whether to torch.compile (on CUDA under Linux, unless told)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"
+    return dtype, autocast, scaler, use_compile
 
 
 def save_checkpoint(path, state):
@@ -551,6 +571,7 @@ def save_checkpoint(path, state):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to us; a data file or checkpoint need not be
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is untouched") from None
@@ -593,7 +614,7 @@ def load_model_state(model, ckpt, path):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:150]  # the first mismatch, not all of them
         raise UserError(f"{path} was saved by a model of another shape ({first}); use the settings it was "
                         f"trained with, or another --out_dir") from None  # fmt: skip
 
@@ -653,13 +674,15 @@ def train(overrides, defaults=None, make_model=GPT):
     device, rank, world_size = setup_distributed(cfg.device)
     master = rank == 0  # only one process prints, writes files and samples
     log = print if master else lambda *args, **kwargs: None
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype, autocast, scaler, use_compile = fast_path(cfg, device)
 
     text = load_text(cfg.data)
     tokenizer = CharTokenizer.from_text(text)
     if ckpt and ckpt["vocab"] != tokenizer.chars:
         raise UserError(f"the checkpoint in {out_dir}/ was trained on a text with another vocabulary; resume "
                         f"on the same text, or train into another --out_dir")  # fmt: skip
+    if "prompt" in overrides:  # the final sample starts with it: refuse a bad one now, not after training
+        encode_prompt(tokenizer, cfg.prompt)
     # the whole corpus lives on the device (9 MB as int64 for tiny Shakespeare): batches never cross the bus
     train_data, val_data = split_data(torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device))
     if len(val_data) <= cfg.block_size:
@@ -674,22 +697,17 @@ def train(overrides, defaults=None, make_model=GPT):
     batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start_step, best_val, elapsed_before = 0, float("inf"), 0.0
     if ckpt:
-        load_model_state(raw_model, ckpt, out_dir)
+        load_model_state(raw_model, ckpt, f"the checkpoint in {out_dir}/")
         optimizer.load_state_dict(ckpt["optimizer"])
         batch_gen.set_state(ckpt["rng"]["batches"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         start_step, best_val, elapsed_before = ckpt["step"], ckpt["best_val"], ckpt["elapsed_s"]
-    else:
-        torch.manual_seed(cfg.seed + rank)  # dropout masks differ between processes
+    if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
+        torch.manual_seed(cfg.seed + rank)
 
-    # the GPU fast path: TF32 for float32 matrix products, autocast to bf16/fp16, torch.compile
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # float16 needs loss scaling
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"
-    if use_compile:
+    if use_compile:  # compiles on the first call: the model's Python becomes fused GPU kernels
         model = torch.compile(raw_model)
     train_model = model
     if world_size > 1:
@@ -762,11 +780,12 @@ def train(overrides, defaults=None, make_model=GPT):
                 t_last, step_last = time.time(), step
             if step == cfg.max_iters:
                 break
-            if stop_requested(stop, device, world_size):
+            signum = stop_requested(stop, device, world_size)
+            if signum:
                 if master:
                     save_checkpoint(last_path, checkpoint(step))
                 log(f"interrupted at step {step}: saved {last_path}; continue with --resume", flush=True)
-                return 128 + stop.signum
+                return 128 + signum
 
             x, y = get_batch(train_data, cfg.batch_size * accum * world_size, cfg.block_size, batch_gen)
             # every process drew the same global batch; this one keeps its share: (accum, world, B, T)[:, rank]
@@ -797,7 +816,7 @@ def train(overrides, defaults=None, make_model=GPT):
                         flush=True)  # fmt: skip
     finally:
         stop.restore()
-        if world_size > 1:
+        if dist.is_initialized():  # under torchrun, even with one process
             dist.destroy_process_group()
 
     if master:
@@ -808,7 +827,8 @@ def train(overrides, defaults=None, make_model=GPT):
         raw_model.load_state_dict(best["model"])
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
         torch.manual_seed(cfg.seed)
-        print_sample(raw_model, tokenizer, cfg.prompt, 500, cfg.temperature, cfg.top_k, device)
+        prompt = cfg.prompt if set(cfg.prompt) <= tokenizer.stoi.keys() else text[0]  # a text without newlines
+        print_sample(raw_model, tokenizer, prompt, 500, cfg.temperature, cfg.top_k, device)
         print(f"\nfinal: train {losses[0]:.4f} | val {losses[1]:.4f} | best val {best_val:.4f} | "
               f"wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {out_dir / 'ckpt.pt'}")  # fmt: skip
     return 0
@@ -823,23 +843,31 @@ def check_finite(first_bad, out_dir):
 
 
 def stop_requested(stop, device, world_size):
-    """Whether a signal asked us to stop; with several processes, whether any of them got one, so that
-    all stop at the same step."""
+    """The number of the signal that asked us to stop, or 0; with several processes, of one that any of
+    them got, so that all stop at the same step. Only the handler writes stop.signum: a signal that comes
+    while we wait for the others is then seen at the next step, not overwritten with their 0."""
     if world_size == 1:
-        return bool(stop.signum)
+        return stop.signum
     flag = torch.tensor(stop.signum, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stop.signum = int(flag.item())
-    return bool(stop.signum)
+    return int(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Sampling and main().
 
 
+def encode_prompt(tokenizer, prompt):
+    """The prompt as integers; the model knows only the characters of the text it was trained on."""
+    try:
+        return tokenizer.encode(prompt)
+    except UserError as e:
+        raise UserError(f"the prompt has {e}; use only characters of the training text") from None
+
+
 def print_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, device):
     """Print the prompt, then each new character as soon as it is sampled."""
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1,T)
+    idx = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)  # (1,T)
     print(prompt, end="", flush=True)
     for idx_next in model.stream(idx, max_new_tokens, temperature, top_k):
         print(tokenizer.decode(idx_next[0].tolist()), end="", flush=True)
@@ -856,10 +884,7 @@ def sample(overrides, defaults=None, make_model=GPT):
     check_config(cfg)
     device = resolve_device(cfg.device)
     tokenizer = CharTokenizer(ckpt["vocab"])
-    try:
-        tokenizer.encode(cfg.prompt)
-    except UserError as e:
-        raise UserError(f"the prompt has {e}; use only characters of the training text") from None
+    encode_prompt(tokenizer, cfg.prompt)
     model = make_model(tokenizer.vocab_size, cfg)
     load_model_state(model, ckpt, path)
     model.to(device)
