@@ -46,3 +46,31 @@ def run_script(script, *args, cwd=None, timeout=120, env=None):
         timeout=timeout,
         env=full_env,
     )
+
+
+# A child process with one thread: on a small machine shared by several processes, torch's thread pool
+# spins against the others and a tiny model trains ten times slower. Runs compared with each other all use it.
+SERIAL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    """The same for code run inside the test process; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def snapshot(folder):
+    """Every file and folder under `folder`, files with their bytes and modification time: equal snapshots
+    taken before and after a command prove that it wrote, deleted and overwrote nothing there."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    found = {}
+    for p in sorted(folder.rglob("*")):
+        found[str(p.relative_to(folder))] = (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "folder"
+    return found
