@@ -1,0 +1,85 @@
+"""bench.py (issue 4, part 1): on a tiny model it prints its table and writes the same figures as JSON; bad
+input gets one line and exit status 1."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import ROOT, SERIAL_ENV, TINY, run_script
+
+import gpt
+
+POSITIVE = ["train_ms_per_iter", "train_tokens_per_s", "peak_mem_mb", "eval_ms_per_batch",
+            "sample_tokens_per_s_cached", "sample_tokens_per_s_uncached"]  # fmt: skip
+
+
+def load_bench():
+    """bench.py as a module, found by its path (it is a script beside gpt.py, not an installed module)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_the_figures(corpus, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_script("bench.py", *TINY, f"--data={corpus}", "--steps=2", f"--json={out}", env=SERIAL_ENV)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+
+    assert result["device"] == "cpu" and result["torch"] == torch.__version__ and result["dtype"] == "float32"
+    assert result["compile"] is False  # the rule of gpt.train: off on CPU
+    assert result["mfu"] is None  # no known peak for a CPU
+    for key in POSITIVE:
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["steps"] == 2
+    assert result["train_ms_p10"] <= result["train_ms_per_iter"] <= result["train_ms_p90"]
+    assert result["tokens_per_iter"] == 8 * 16  # TINY: batch 8, block 16
+    assert result["train_tokens_per_s"] == pytest.approx(128 / (result["train_ms_per_iter"] / 1000))
+    assert result["sample_new_tokens"] == 20  # TINY's --max_new_tokens
+    speedup = result["sample_tokens_per_s_cached"] / result["sample_tokens_per_s_uncached"]
+    assert result["sample_cache_speedup"] == pytest.approx(speedup)
+    # TINY evaluates 2 x 2 batches at steps 0, 10 and 20 of 20
+    eval_s = 3 * 2 * 2 * result["eval_ms_per_batch"]
+    assert result["eval_share_of_run"] == pytest.approx(eval_s / (eval_s + 20 * result["train_ms_per_iter"]))
+    cfg = gpt.Config(**result["config"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.data) == (2, 32, 16, str(corpus))
+    assert result["params"] == sum(p.numel() for p in gpt.GPT(65, cfg).parameters())
+
+    # the table shows the same figures
+    assert f"{result['train_ms_per_iter']:.1f} ms/iter" in r.stdout
+    assert f"{result['sample_tokens_per_s_cached']:,.1f} tokens/s with the KV cache" in r.stdout
+    assert "mfu n/a" in r.stdout and "max RSS" in r.stdout
+
+
+def test_a_bad_flag_is_one_line_and_exit_1():
+    r = run_script("bench.py", "--stepz=3", env=SERIAL_ENV)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("error: unrecognized arguments: --stepz=3. Valid names: data block_size ")
+    assert r.stderr.endswith("(and bench.py's own: steps json)\n")
+    assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps=0"], "--steps must be a whole number of at least 1, got '0'"),
+        (["--steps=2.5"], "--steps must be a whole number of at least 1, got '2.5'"),
+        (["--steps", "3"], "--steps needs a value: write --steps=N"),
+        (["--json="], "--json needs a value: write --json=PATH"),
+        (["--json={tmp}"], "--json={tmp} is a folder; name a file to write"),
+        (["--json={tmp}/no/b.json"], "--json={tmp}/no/b.json: the folder {tmp}/no does not exist"),
+        (["--n_head=5"], "--n_embd (384) must be divisible by --n_head (5): each head gets n_embd // n_head channels"),
+        (["--device=cpu", "--dtype=bfloat16"], "--dtype=bfloat16 is for CUDA GPUs; use --dtype=float32 on cpu"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(args, message, tmp_path, capsys):
+    bench = load_bench()
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert bench.main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: {message.format(tmp=tmp_path)}\n"
+    assert list(tmp_path.iterdir()) == []  # nothing written
