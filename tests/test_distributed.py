@@ -1,0 +1,420 @@
+"""Data-parallel training with real processes that talk gloo over 127.0.0.1 (issue 6).
+
+Starting Python and importing torch costs a few CPU-seconds per process, far more than these tiny runs. So
+one module fixture starts every run up front, side by side, and the tests only read what the runs left:
+
+    a             torchrun, 2 processes, batch_size 4, 6 steps: the command a user types
+    b             1 process, batch_size 8, 6 steps            b9   the same, 9 steps
+    c             1 process, batch_size 4, accumulation 2, 6 steps
+    a2            a copy of a's out_dir, resumed by 2 processes to step 9
+    sig           2 processes training for long; SIGTERM to rank 1 alone, once rank 0 has printed step 0
+    torchrun_sig  torchrun, 2 processes training for long; SIGTERM to torchrun, once step 0 is printed
+
+Runs other than torchrun's are forked from one Python that has imported gpt.py already, each rank with the
+environment torchrun gives a worker (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and each with
+its own stdout and stderr. a, b and c take the same global batch of 8 windows at every step, split three
+ways, so they must reach the same weights; so must a2 and b9. The learning rate is constant (no warm-up,
+min_lr = learning_rate): resuming with a larger max_iters then keeps the schedule of the steps already taken.
+"""
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SERIAL_ENV, TINY
+
+import gpt
+
+SETTINGS = [
+    *(a for a in TINY if not a.startswith(("--batch_size", "--max_iters", "--eval_interval"))),
+    "--eval_interval=3",
+    "--warmup_iters=0",
+    "--learning_rate=1e-3",
+    "--min_lr=1e-3",
+]
+STEPS, MORE_STEPS = 6, 9
+TIMEOUT = 120  # seconds for all the runs: a run that hangs fails the tests instead of hanging the suite
+GRACE = 20  # seconds torchrun gives its workers to stop before it kills them (its default: 30)
+INTERRUPTED = re.compile(r"^interrupted at step (\d+): saved (\S+); continue with --resume$", re.M)
+
+# Reads a JSON line {job: {argv, env, stdout, stderr}} per group of runs, forks a process for each job that
+# runs gpt.main(argv), prints their pids as a JSON line, then a line {job: exit status} as each one ends.
+FORKER = r"""
+import faulthandler, json, os, signal, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import gpt
+import torch._dynamo  # torch's optimizers import it on first use: once here, rather than in every run
+
+def start(job):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)  # SIGUSR1: the stacks, into stderr
+            os.environ.update(job["env"])
+            code = gpt.main(job["argv"])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+for line in sys.stdin:
+    pids = {name: start(job) for name, job in json.loads(line).items()}
+    print(json.dumps(pids), flush=True)
+    names = {pid: name for name, pid in pids.items()}
+    for _ in pids:
+        pid, status = os.wait()
+        print(json.dumps({names[pid]: os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+def child_env():
+    """One thread per process, unbuffered output, gloo on the loopback interface, no distributed settings
+    inherited from whoever runs pytest, and a shorter grace period for torchrun's workers."""
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_", "TORCHELASTIC_", "GROUP_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(SERIAL_ENV, PYTHONUNBUFFERED="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE))
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Run:
+    """One run of `gpt.py args` with world_size processes: its folder holds out/ (its out_dir) and the
+    output of each rank, stdout0, stderr0, stdout1, ... (torchrun's runs: only stdout0 and stderr0)."""
+
+    def __init__(self, folder, args, world_size=1):
+        self.folder, self.world_size = Path(folder), world_size
+        self.out_dir = self.folder / "out"
+        self.args = [*args, f"--out_dir={self.out_dir}"]
+        self.folder.mkdir(parents=True)
+        self.returncodes = None  # one per process; torchrun's runs: torchrun's
+
+    def stdout(self, rank=0):
+        return (self.folder / f"stdout{rank}").read_text()
+
+    def stderr(self, rank=0):
+        return (self.folder / f"stderr{rank}").read_text()
+
+    def jobs(self):
+        """The forker's jobs for this run, by name/rank; each rank set up as torchrun sets up a worker."""
+        port = free_port()
+        jobs = {}
+        for rank in range(self.world_size):
+            env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=self.world_size, LOCAL_WORLD_SIZE=self.world_size,
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+            jobs[f"{self.folder.name}/{rank}"] = {
+                "argv": self.args,
+                "env": {k: str(v) for k, v in env.items()} if self.world_size > 1 else {},
+                "stdout": str(self.folder / f"stdout{rank}"),
+                "stderr": str(self.folder / f"stderr{rank}"),
+            }
+        return jobs
+
+    def torchrun(self):
+        """Start `torchrun gpt.py args` on this machine alone; the rendezvous takes a free port on 127.0.0.1.
+        The workers write to torchrun's stdout and stderr, and those go to stdout0 and stderr0."""
+        with open(self.folder / "stdout0", "w") as out, open(self.folder / "stderr0", "w") as err:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-backend=c10d",
+                        "--rdzv-endpoint=127.0.0.1:0", f"--nproc_per_node={self.world_size}"]  # fmt: skip
+            return subprocess.Popen([*torchrun, str(ROOT / "gpt.py"), *self.args], stdout=out, stderr=err,
+                                    text=True, env=child_env(), start_new_session=True)  # fmt: skip
+
+
+class Forker:
+    """A Python that has imported gpt.py, forking the processes of one group of runs at a time; see FORKER."""
+
+    def __init__(self, folder):
+        self.stderr = open(Path(folder) / "forker.stderr", "w")  # closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-c", FORKER, str(ROOT)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env(),
+                                     start_new_session=True)  # fmt: skip
+        # its lines, read as they come (select() on the pipe would miss lines already read into a buffer)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+
+    def _read_lines(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # the forker has ended
+
+    def start(self, runs, deadline):
+        """Start the processes of `runs` (only once those started before have ended); returns their pids by
+        name/rank."""
+        self.status = {}
+        self.proc.stdin.write(json.dumps({k: v for run in runs for k, v in run.jobs().items()}) + "\n")
+        self.proc.stdin.flush()
+        pids = self.read(deadline)
+        assert pids is not None, f"the forker did not start {list(runs)} in time; see forker.stderr"
+        return pids
+
+    def wait(self, runs, deadline):
+        """Wait until the processes of `runs` have ended, and set their returncodes; False if the deadline
+        comes first."""
+        jobs = [[f"{run.folder.name}/{rank}" for rank in range(run.world_size)] for run in runs]
+        while not all(job in self.status for ranks in jobs for job in ranks):
+            status = self.read(deadline)
+            if status is None:
+                return False
+            self.status.update(status)
+        for run, ranks in zip(runs, jobs, strict=True):
+            run.returncodes = [self.status[job] for job in ranks]
+        return True
+
+    def read(self, deadline):
+        try:
+            line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        assert line is not None, "the forker died; see forker.stderr"
+        return json.loads(line)
+
+    def kill(self):
+        """Stop the forker and every process it forked, after they have written where they are stuck."""
+        os.killpg(self.proc.pid, signal.SIGUSR1)  # faulthandler: the stacks, into each process's stderr
+        time.sleep(1)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def close(self):
+        self.proc.stdin.close()  # the forker's loop ends
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.stderr.close()
+
+
+def interrupt_when_training(run, send_signal, deadline):
+    """Once rank 0 of run has printed its step 0 line, call send_signal(); note whether and when."""
+    run.signalled = False
+    while not run.signalled and time.monotonic() < deadline:
+        time.sleep(0.05)
+        run.signalled = any(line.startswith("step 0/") for line in run.stdout().splitlines())
+    send_signal()
+    run.signalled_at = time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch has no gloo backend")
+    if not hasattr(os, "fork"):
+        pytest.skip("the runs are forked, and this system cannot fork")
+    root = tmp_path_factory.mktemp("ddp")
+    common = [*SETTINGS, f"--data={corpus}"]
+    long_run = [*common, "--batch_size=4", "--max_iters=100000", "--eval_interval=100000"]
+    runs = {
+        "a": Run(root / "a", [*common, "--batch_size=4", f"--max_iters={STEPS}"], world_size=2),
+        "b": Run(root / "b", [*common, "--batch_size=8", f"--max_iters={STEPS}"]),
+        "b9": Run(root / "b9", [*common, "--batch_size=8", f"--max_iters={MORE_STEPS}"]),
+        "c": Run(root / "c", [*common, "--batch_size=4", "--gradient_accumulation_steps=2", f"--max_iters={STEPS}"]),
+        "a2": Run(root / "a2", [*common, "--batch_size=4", f"--max_iters={MORE_STEPS}", "--resume"], world_size=2),
+        "sig": Run(root / "sig", long_run, world_size=2),
+        "torchrun_sig": Run(root / "torchrun_sig", long_run, world_size=2),
+    }
+    deadline = time.monotonic() + TIMEOUT
+    launchers = {name: runs[name].torchrun() for name in ("a", "torchrun_sig")}
+    forker = Forker(root)
+    try:
+        first = [runs[name] for name in ("b", "b9", "c", "sig")]
+        pids = forker.start(first, deadline)
+        interrupt_when_training(runs["sig"], lambda: os.kill(pids["sig/1"], signal.SIGTERM), deadline)
+        interrupt_when_training(runs["torchrun_sig"], lambda: launchers["torchrun_sig"].terminate(), deadline)
+        if not forker.wait([runs["sig"]], min(deadline, runs["sig"].signalled_at + GRACE)):
+            for rank in range(2):  # they did not stop: the test says so, the others go on
+                os.kill(pids[f"sig/{rank}"], signal.SIGKILL)
+        runs["sig"].seconds_to_stop = time.monotonic() - runs["sig"].signalled_at
+        if not forker.wait(first, deadline):
+            forker.kill()
+            pytest.fail(f"the runs took more than {TIMEOUT} s; their stacks are in their stderr files")
+        for name, launcher in launchers.items():
+            try:
+                launcher.wait(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name} took more than {TIMEOUT} s")
+            runs[name].returncodes = [launcher.returncode]
+        runs["torchrun_sig"].seconds_to_stop = time.monotonic() - runs["torchrun_sig"].signalled_at  # at most
+
+        if runs["a"].out_dir.exists():  # a copy, so that a's out_dir stays as a left it
+            shutil.copytree(runs["a"].out_dir, runs["a2"].out_dir)
+        forker.start([runs["a2"]], deadline)
+        if not forker.wait([runs["a2"]], deadline):
+            forker.kill()
+            pytest.fail(f"the runs took more than {TIMEOUT} s; their stacks are in their stderr files")
+    finally:
+        forker.close()
+        for launcher in launchers.values():
+            if launcher.poll() is None:
+                launcher.terminate()  # torchrun passes it on to its workers, and kills them after GRACE
+                launcher.wait(timeout=GRACE + 10)
+    return runs
+
+
+def finished(run):
+    """run, after checking that all its processes ended well."""
+    output = "".join(run.stdout(rank) + run.stderr(rank) for rank in range(len(run.returncodes)))
+    assert run.returncodes == [0] * len(run.returncodes), output
+    assert "Traceback" not in output
+    return run
+
+
+def weights(run, step):
+    """The model tensors of run's ckpt.pt, after checking that it was saved at `step`."""
+    ckpt = gpt.load_checkpoint(run.out_dir / "ckpt.pt")
+    assert ckpt["step"] == step, f"{run.out_dir}/ckpt.pt is from step {ckpt['step']}, not {step}"
+    return ckpt["model"]
+
+
+def max_difference(w1, w2):
+    assert w1.keys() == w2.keys()
+    return max((w1[k] - w2[k]).abs().max().item() for k in w1)
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run.out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def files(run):
+    return sorted(p.name for p in run.out_dir.iterdir())
+
+
+def progress_steps(run):
+    return [line.split(" |")[0] for line in run.stdout().splitlines() if line.startswith("step ")]
+
+
+# ---- the same global batch, split three ways ------------------------------------------------------------
+
+
+def test_two_processes_one_process_and_accumulation_reach_the_same_weights(runs):
+    a, b, c = (finished(runs[name]) for name in "abc")
+    wa, wb, wc = (weights(run, STEPS) for run in (a, b, c))
+    assert max_difference(wa, wb) < 1e-5
+    assert max_difference(wc, wb) < 1e-5
+    # and the weights moved: what agrees is the training, not only the shared initialisation
+    ckpt = gpt.load_checkpoint(b.out_dir / "ckpt.pt")
+    torch.manual_seed(ckpt["config"]["seed"])
+    initial = gpt.GPT(len(ckpt["vocab"]), gpt.Config(**ckpt["config"])).state_dict()
+    assert max_difference(initial, wb) > 1e-3
+
+
+def test_the_evaluations_agree_too(runs):
+    """Evaluation draws the same global batches in all three, so the losses logged agree, and the batch
+    generator stays in step from one evaluation to the next (else the weights above would differ)."""
+    rows = {name: metrics(finished(runs[name])) for name in "abc"}
+    for name in "abc":
+        assert [r["step"] for r in rows[name]] == [0, 3, 6]  # one row per evaluation, not one per process
+    for name in "ac":
+        for mine, single in zip(rows[name], rows["b"], strict=True):
+            assert mine["train_loss"] == pytest.approx(single["train_loss"], abs=2e-4)
+            assert mine["val_loss"] == pytest.approx(single["val_loss"], abs=2e-4)
+    assert rows["b"][-1]["val_loss"] < rows["b"][0]["val_loss"] - 0.05  # it learned something
+
+
+def test_the_effective_batch_is_printed_at_start(runs):
+    expected = {
+        "a": "batch 4 x 1 accumulation x 2 process(es) = 8 sequences of 16 = 128 tokens per iteration",
+        "b": "batch 8 x 1 accumulation x 1 process(es) = 8 sequences of 16 = 128 tokens per iteration",
+        "c": "batch 4 x 2 accumulation x 1 process(es) = 8 sequences of 16 = 128 tokens per iteration",
+    }
+    for name, line in expected.items():
+        lines = finished(runs[name]).stdout().splitlines()
+        assert lines[0].endswith(f"| {2 if name == 'a' else 1} process(es)")
+        assert lines[1] == line
+
+
+# ---- 2 processes end to end ------------------------------------------------------------------------------
+
+
+def test_torchrun_prints_once_and_writes_one_checkpoint_and_one_metrics_file(runs):
+    a = finished(runs["a"])
+    assert files(a) == ["ckpt.pt", "metrics.jsonl"]
+    lines = a.stdout().splitlines()  # both workers write to torchrun's stdout
+    assert progress_steps(a) == ["step 0/6", "step 3/6", "step 6/6"]
+    for start in ("batch ", "sample from the best model (step 6,", "final: "):
+        assert sum(line.startswith(start) for line in lines) == 1, a.stdout()
+    assert sum("parameters | device cpu" in line for line in lines) == 1
+
+
+def test_resume_with_two_processes_continues_exactly(runs):
+    a2, b9 = finished(runs["a2"]), finished(runs["b9"])
+    assert max_difference(weights(a2, MORE_STEPS), weights(b9, MORE_STEPS)) < 1e-5
+    # the rows up to the checkpoint are kept and the new one is added once; step 6 is not evaluated again
+    assert metrics(a2)[:3] == metrics(runs["a"])
+    assert [r["step"] for r in metrics(a2)] == [0, 3, 6, 9]
+    assert progress_steps(a2) == ["step 9/9"]
+    assert files(a2) == ["ckpt.pt", "metrics.jsonl"]
+    assert a2.stdout(rank=1) == ""  # rank 1 prints nothing at all
+
+
+# ---- signals --------------------------------------------------------------------------------------------
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(runs):
+    """Even when only one process gets SIGTERM (or SIGINT), all stop after the same step, rank 0 saves
+    last.pt, and every process exits with 128 + the signal's number."""
+    sig = runs["sig"]
+    assert sig.signalled, sig.stdout() + sig.stderr()
+    assert sig.returncodes == [128 + signal.SIGTERM] * 2, sig.stdout() + sig.stderr(0) + sig.stderr(1)
+    stopped = INTERRUPTED.findall(sig.stdout())
+    assert len(stopped) == 1, sig.stdout()
+    assert Path(stopped[0][1]) == sig.out_dir / "last.pt"
+    assert gpt.load_checkpoint(sig.out_dir / "last.pt")["step"] == int(stopped[0][0])
+    assert files(sig) == ["ckpt.pt", "last.pt", "metrics.jsonl"]
+    assert [r["step"] for r in metrics(sig)] == [0]
+    assert sig.stdout(rank=1) == ""
+    assert sig.seconds_to_stop < GRACE
+
+
+def test_sigterm_to_torchrun_stops_its_workers_and_saves_once(runs):
+    """What a scheduler or `kill` does: torchrun passes the signal on to every worker and waits for them,
+    killing them after a grace period. They stop well before it, and rank 0 saves last.pt."""
+    run = runs["torchrun_sig"]
+    assert run.signalled, run.stdout() + run.stderr()
+    stopped = INTERRUPTED.findall(run.stdout())
+    assert len(stopped) == 1, run.stdout() + run.stderr()
+    assert gpt.load_checkpoint(run.out_dir / "last.pt")["step"] == int(stopped[0][0])
+    assert files(run) == ["ckpt.pt", "last.pt", "metrics.jsonl"]
+    assert [r["step"] for r in metrics(run)] == [0]
+    assert "forcefully" not in run.stderr()  # torchrun had no worker to kill
+    assert run.seconds_to_stop < GRACE
+
+
+def test_a_signal_that_comes_while_waiting_for_the_others_is_kept_for_the_next_step(monkeypatch):
+    """A process spends much of its time in all_reduce, waiting for the others; a signal handled then must
+    not be overwritten by the 0 the others sent, else the stop would be lost."""
+    stop, seen = types.SimpleNamespace(signum=0), []
+
+    def all_reduce(flag, op):  # the others had no signal; meanwhile this process's handler runs, once
+        assert op == torch.distributed.ReduceOp.MAX
+        if not seen:
+            stop.signum = signal.SIGTERM
+        seen.append(flag.item())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert gpt.stop_requested(stop, torch.device("cpu"), world_size=2) == 0
+    assert gpt.stop_requested(stop, torch.device("cpu"), world_size=2) == signal.SIGTERM
+    assert seen == [0, signal.SIGTERM]
