@@ -1,0 +1,95 @@
+"""Every notebook in notebooks/ runs from top to bottom in fast mode, its asserts included.
+
+The notebooks are executed in memory (the committed files, with the outputs of a full run, are not
+touched), from notebooks/ as Jupyter would run them, in a kernel of this interpreter. In fast mode
+(GPT_NOTEBOOK_FAST=1) they train for a few iterations only and save their runs in a temporary folder.
+The committed notebooks themselves must carry the outputs of a run, without machine paths."""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
+
+
+def files_a_notebook_could_touch():
+    """Every file under notebooks/ with its size and modification time, and the names at the repository's root."""
+    found = {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in (ROOT / "notebooks").rglob("*")}
+    found.update((path, None) for path in ROOT.iterdir())
+    return found
+
+
+@pytest.fixture
+def fast_kernel_env(monkeypatch, tmp_path, corpus):
+    """The kernel inherits this process's environment: fast mode, temporary files in tmp_path, no .pyc files.
+
+    Its kernel spec, "python3", is written for this interpreter into a folder that Jupyter searches first,
+    so that no other Python's kernel spec of that name (in ~/.local/share/jupyter, say) is picked instead."""
+    if corpus != ROOT / "input.txt":
+        pytest.fail(f"the notebooks read input.txt at the repository's root: copy {corpus} there")
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("GPT_NOTEBOOK_FAST", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+
+
+def execute(nb, timeout=300):
+    client = nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    )
+    return client.execute()
+
+
+def test_the_notebooks_are_in_lecture_order():
+    names = [p.name for p in NOTEBOOKS]
+    assert len(names) >= 2 and all(name[:2].isdigit() and name[2] == "_" for name in names)
+    assert [int(name[:2]) for name in names] == list(range(1, len(names) + 1))
+
+
+def test_the_kernel_runs_this_interpreter(fast_kernel_env):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
+    out = execute(nb, timeout=60).cells[0].outputs[0]["text"].strip()
+    assert Path(out).resolve() == Path(sys.executable).resolve()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_fast_mode(path, fast_kernel_env):
+    committed = path.read_bytes()
+    before = files_a_notebook_could_touch()
+    nb = nbformat.reads(committed.decode(), as_version=4)
+    try:
+        execute(nb)
+    except nbclient.exceptions.CellExecutionError as e:  # the failing cell and its traceback, not nbclient's
+        plain = ANSI_COLOUR.sub("", str(e))[-3000:]
+        pytest.fail(f"{path.name} failed in fast mode:\n{plain}")
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert not errors
+    assert path.read_bytes() == committed
+    after = files_a_notebook_could_touch()
+    assert sorted(map(str, after.keys() - before.keys())) == [], "the notebook left files in the repository"
+    changed = [str(p) for p in before.keys() & after.keys() if before[p] != after[p]]
+    assert changed == [], "the notebook changed files in the repository"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_committed_notebooks_are_executed_and_name_no_machine(path):
+    nb = nbformat.reads(path.read_text(), as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count for cell in code), f"{path.name} is not committed fully executed"
+    assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    text = "\n".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for cell in code for o in cell.outputs
+    )
+    home = os.path.expanduser("~")
+    for needle in ("/work/", "/root/", "/tmp/", "/home/", "/Users/", "C:\\", str(ROOT), *[home] * (len(home) > 1)):
+        assert needle not in text, f"{path.name} shows the machine path {needle!r} in an output"
+    assert path.stat().st_size < 1_000_000
