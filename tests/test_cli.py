@@ -3,14 +3,18 @@
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from conftest import SERIAL_ENV, TINY, run_script
+from conftest import ROOT, SERIAL_ENV, TINY, run_script
 
 import bigram
 import gpt
@@ -164,6 +168,30 @@ def test_training_ends_with_a_sample(trained, corpus):
     text, rest = after[:501], after[501:]  # the prompt (a newline), then 500 characters
     assert text[0] == "\n" and set(text) <= set(ckpt["vocab"])
     assert rest.startswith("\n\nfinal: ")
+
+
+def test_a_short_run_prints_no_note(trained):
+    result, _ = trained
+    assert "note:" not in result.stdout
+
+
+def test_a_long_run_says_so_before_it_starts(corpus, tmp_path):
+    """A billion steps of even the tiny model take days: one timed forward pass shows it, before step 0."""
+    argv = [*TINY, "--max_iters=1000000000", f"--data={corpus}", f"--out_dir={tmp_path / 'out'}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "gpt.py"), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **SERIAL_ENV, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    note = lines[2]
+    assert note.startswith("note: this run will take about ") and note.rstrip().endswith(gpt.CPU_RECIPE)
+    days = re.search(r"about (\d+)d", note)
+    assert days and int(days[1]) >= 1
 
 
 def test_sample_starts_with_the_prompt(trained, capsys):
