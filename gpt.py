@@ -761,7 +761,7 @@ def train(overrides, defaults=None, make_model=GPT):
                     torch.cuda.synchronize()  # so that the clock measures the steps, not just their launch
                 if step > step_last:
                     ms_per_iter = 1000 * (time.time() - t_last) / (step - step_last)
-                check_finite(first_bad, last_path.parent)
+                check_finite(first_bad, out_dir)
                 t_eval = time.time()
                 losses = estimate_loss(model, (train_data, val_data), cfg, batch_gen, autocast, rank, world_size)
                 eval_s = time.time() - t_eval
@@ -898,7 +898,6 @@ def sample(overrides, defaults=None, make_model=GPT):
     check_config(cfg)
     device = resolve_device(cfg.device)
     tokenizer = CharTokenizer(ckpt["vocab"])
-    encode_prompt(tokenizer, cfg.prompt)
     model = make_model(tokenizer.vocab_size, cfg)
     load_model_state(model, ckpt, path)
     model.to(device)
