@@ -10,7 +10,7 @@ one module fixture starts every run up front, side by side, and the tests only r
     sig           2 processes training for long; SIGTERM to rank 1 alone, once rank 0 has printed step 0
     torchrun_sig  torchrun, 2 processes training for long; SIGTERM to torchrun, once step 0 is printed
 
-Runs other than torchrun's are forked from one Python that has imported gpt.py already, each rank with the
+Runs other than torchrun's are started by one helper Python (the forker), each rank a fresh Python with the
 environment torchrun gives a worker (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and each with
 its own stdout and stderr. a, b and c take the same global batch of 8 windows at every step, split three
 ways, so they must reach the same weights; so must a2 and b9. The learning rate is constant (no warm-up,
@@ -49,39 +49,32 @@ TIMEOUT = 120  # seconds for all the runs: a run that hangs fails the tests inst
 GRACE = 20  # seconds torchrun gives its workers to stop before it kills them (its default: 30)
 INTERRUPTED = re.compile(r"^interrupted at step (\d+): saved (\S+); continue with --resume$", re.M)
 
-# Reads a JSON line {job: {argv, env, stdout, stderr}} per group of runs, forks a process for each job that
+# Reads a JSON line {job: {argv, env, stdout, stderr}} per group of runs, starts a process for each job that
 # runs gpt.main(argv), prints their pids as a JSON line, then a line {job: exit status} as each one ends.
 FORKER = r"""
-import faulthandler, json, os, signal, sys, traceback
-sys.path.insert(0, sys.argv[1])
-import gpt
-import torch._dynamo  # torch's optimizers import it on first use: once here, rather than in every run
+import json, os, subprocess, sys, time
+
+# each job is a fresh Python: forking one that has imported torch can leave a child stuck on a lock that
+# another thread held at the fork (seen here: a gloo rank that never returned from its teardown)
+CHILD = (
+    "import faulthandler, json, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "sys.path.insert(0, sys.argv[1]); import gpt; sys.exit(gpt.main(json.loads(sys.argv[2])))"
+)
 
 def start(job):
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-            faulthandler.register(signal.SIGUSR1, all_threads=True)  # SIGUSR1: the stacks, into stderr
-            os.environ.update(job["env"])
-            code = gpt.main(job["argv"])
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return pid
+    with open(job["stdout"], "w") as out, open(job["stderr"], "w") as err:
+        return subprocess.Popen([sys.executable, "-c", CHILD, sys.argv[1], json.dumps(job["argv"])],
+                                stdout=out, stderr=err, env={**os.environ, **job["env"]})
 
 for line in sys.stdin:
-    pids = {name: start(job) for name, job in json.loads(line).items()}
-    print(json.dumps(pids), flush=True)
-    names = {pid: name for name, pid in pids.items()}
-    for _ in pids:
-        pid, status = os.wait()
-        print(json.dumps({names[pid]: os.waitstatus_to_exitcode(status)}), flush=True)
+    running = {name: start(job) for name, job in json.loads(line).items()}
+    print(json.dumps({name: child.pid for name, child in running.items()}), flush=True)
+    while running:
+        for name, child in list(running.items()):
+            if child.poll() is not None:
+                print(json.dumps({name: child.returncode}), flush=True)
+                del running[name]
+        time.sleep(0.05)
 """
 
 
@@ -145,7 +138,7 @@ class Run:
 
 
 class Forker:
-    """A Python that has imported gpt.py, forking the processes of one group of runs at a time; see FORKER."""
+    """A Python that starts the processes of one group of runs at a time and reports their ends; see FORKER."""
 
     def __init__(self, folder):
         self.stderr = open(Path(folder) / "forker.stderr", "w")  # closed in close()
@@ -193,7 +186,7 @@ class Forker:
         return json.loads(line)
 
     def kill(self):
-        """Stop the forker and every process it forked, after they have written where they are stuck."""
+        """Stop the forker and every process it started, after they have written where they are stuck."""
         os.killpg(self.proc.pid, signal.SIGUSR1)  # faulthandler: the stacks, into each process's stderr
         time.sleep(1)
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -222,8 +215,6 @@ def interrupt_when_training(run, send_signal, deadline):
 def runs(tmp_path_factory, corpus):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch has no gloo backend")
-    if not hasattr(os, "fork"):
-        pytest.skip("the runs are forked, and this system cannot fork")
     root = tmp_path_factory.mktemp("ddp")
     common = [*SETTINGS, f"--data={corpus}"]
     long_run = [*common, "--batch_size=4", "--max_iters=100000", "--eval_interval=100000"]
