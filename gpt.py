@@ -708,6 +708,14 @@ def train(overrides, defaults=None, make_model=GPT):
 
     if use_compile:  # compiles on the first call: the model's Python becomes fused GPU kernels
         model = torch.compile(raw_model)
+    try:  # one forward pass, timed: as the model's first call, it also finds out whether compiling works
+        forward_s = seconds_per_forward(model, train_data, cfg, autocast, device)
+    except Exception as e:
+        if not use_compile:
+            raise
+        log(compile_failed(e))
+        use_compile, model = False, raw_model
+        forward_s = seconds_per_forward(model, train_data, cfg, autocast, device)
     train_model = model
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model)  # averages gradients across processes
@@ -740,8 +748,8 @@ def train(overrides, defaults=None, make_model=GPT):
                 "vocab": tokenizer.chars, "step": step, "best_val": best_val, "rng": rng,
                 "elapsed_s": time.time() - t_start}  # fmt: skip
 
-    if master and not ckpt:  # time one forward pass, so that a run of hours says so before it starts
-        projected = seconds_per_forward(model, train_data, cfg, autocast, device) * (
+    if master and not ckpt:  # a run of hours says so before it starts
+        projected = forward_s * (
             3 * cfg.max_iters * accum + 2 * cfg.eval_iters * (cfg.max_iters // cfg.eval_interval + 1)
         )  # a training step costs about 3 forward passes (the backward pass about 2), an evaluation 2 x eval_iters
         if projected > 1800:
@@ -789,6 +797,7 @@ def train(overrides, defaults=None, make_model=GPT):
                 break
             signum = stop_requested(stop, device, world_size)
             if signum:
+                check_finite(first_bad, out_dir)  # never save a model that has already blown up
                 if master:
                     save_checkpoint(last_path, checkpoint(step))
                 log(f"interrupted at step {step}: saved {last_path}; continue with --resume", flush=True)
@@ -800,18 +809,16 @@ def train(overrides, defaults=None, make_model=GPT):
             y = y.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]
             try:
                 loss = train_step(train_model, optimizer, scaler, x, y, lr, cfg.grad_clip, autocast)
-            except Exception as e:  # torch.compile compiles on the first call, and fails there if it fails
+            except Exception as e:  # the backward pass is compiled on the first step, and may fail there
                 if not use_compile or step != start_step:
                     raise
-                log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); "
-                    f"training without it")  # fmt: skip
+                log(compile_failed(e))
                 use_compile, model = False, raw_model
                 train_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
                 optimizer.zero_grad(set_to_none=True)
                 loss = train_step(train_model, optimizer, scaler, x, y, lr, cfg.grad_clip, autocast)
+            # noted on the device, read at the next evaluation: the loop never waits for the GPU between them
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            if step % 10 == 0:
-                check_finite(first_bad, out_dir)
 
     finally:
         stop.restore()
@@ -848,8 +855,14 @@ def seconds_per_forward(model, data, cfg, autocast, device):
     return time.time() - t
 
 
+def compile_failed(e):
+    """The warning for a machine where torch.compile does not work (no Triton, no C compiler, ...)."""
+    first_line = str(e).strip().partition("\n")[0][:120]
+    return f"warning: torch.compile failed ({type(e).__name__}: {first_line}); training without it"
+
+
 def check_finite(first_bad, out_dir):
-    step = first_bad.item()  # the one place the training loop waits for the GPU, every few steps
+    step = first_bad.item()  # waits for the GPU: called only where the loop stops anyway (evaluation, a signal)
     if step >= 0:
         raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: a learning "
                         f"rate too high (lower --learning_rate, keep --grad_clip on) or too little precision "

@@ -386,6 +386,66 @@ def test_non_finite_loss_names_the_first_bad_step(tmp_path, corpus, capsys):
     assert ckpt["step"] in (0, 5) and all(t.isfinite().all() for t in ckpt["model"].values())
 
 
+class NaNAtStep7ThenCtrlC(NaNAtStep7):
+    """NaNAtStep7, and a Ctrl-C during step 8, before any evaluation has seen the NaN."""
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        out = super().forward(idx, targets, cache, start_pos)
+        if self.training and targets is not None and self.calls == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+
+def test_a_signal_after_a_non_finite_loss_saves_no_broken_model(tmp_path, corpus, capsys):
+    out_dir = tmp_path / "out"
+    argv = [*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--eval_interval=5", "--max_iters=30"]
+    assert gpt.main(argv, make_model=NaNAtStep7ThenCtrlC) == 1
+    assert capsys.readouterr().err.startswith("error: the loss was not finite at step 7: training stopped.")
+    assert not (out_dir / "last.pt").exists()  # --resume would have gone on from the blown-up weights
+    assert gpt.load_checkpoint(out_dir / "ckpt.pt")["step"] in (0, 5)
+
+
+def broken_compile(fails_in_eval_mode):
+    """A stand-in for torch.compile on a machine where compiling fails (no C compiler, say): the compiled
+    model raises on its first call in training mode and, if told, in evaluation mode too."""
+
+    def compile(model):
+        class Broken(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, *args, **kwargs):
+                if self.training or fails_in_eval_mode:
+                    raise RuntimeError("C compiler not found\n(a long traceback follows)")
+                return self.inner(*args, **kwargs)
+
+        return Broken()
+
+    return compile
+
+
+@pytest.mark.parametrize("fails_in_eval_mode", [True, False], ids=["first-call", "first-training-step"])
+def test_a_failing_compile_trains_without_it(fails_in_eval_mode, tmp_path, corpus, monkeypatch, capsys):
+    argv = [*TINY, f"--data={corpus}", "--max_iters=6", "--eval_interval=3"]
+    assert gpt.main([*argv, "--compile=false", f"--out_dir={tmp_path / 'eager'}"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "compile", broken_compile(fails_in_eval_mode))
+    assert gpt.main([*argv, "--compile=true", f"--out_dir={tmp_path / 'compiled'}"]) == 0
+    out = capsys.readouterr().out
+    warning = "warning: torch.compile failed (RuntimeError: C compiler not found); training without it"
+    assert out.count(warning) == 1
+    assert ("compile off" in out) == fails_in_eval_mode  # the header follows the first call, not the second
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
+
+    assert losses("compiled") == losses("eager")
+    compiled, eager = (gpt.load_checkpoint(tmp_path / run / "ckpt.pt")["model"] for run in ("compiled", "eager"))
+    assert all(torch.equal(compiled[k], eager[k]) for k in eager)
+
+
 # ---- interruption and exact resume ------------------------------------------------------------------------------
 
 
