@@ -154,6 +154,8 @@ def check_config(cfg):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if not cfg.prompt:
         raise UserError("--prompt must have at least one character (the default is a newline)")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise UserError(f"--out_dir={cfg.out_dir} is a file; name a folder (it is made if it does not exist)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -579,6 +581,15 @@ def save_checkpoint(path, state):
         Path(tmp).unlink(missing_ok=True)
 
 
+def append_metrics(path, row):
+    """One line of JSON per evaluation, for plots and scripts."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the checkpoints beside it are kept") from None
+
+
 def load_checkpoint(path):
     """A checkpoint as a dict. weights_only=True lets torch.load build tensors and plain containers only,
     so a file crafted to run code when unpickled is refused instead of run."""
@@ -733,12 +744,17 @@ def train(overrides, defaults=None, make_model=GPT):
 
     metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.pt"
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else []
-        rows = [r for r in rows if json.loads(r)["step"] <= start_step]  # what came after the checkpoint is redone
-        metrics_path.write_text("".join(r + "\n" for r in rows))
-        if not ckpt:
-            last_path.unlink(missing_ok=True)  # an old run's interrupt must not be resumed by mistake
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            rows = metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else []
+            rows = [r for r in rows if json.loads(r)["step"] <= start_step]  # what came after the checkpoint is redone
+            metrics_path.write_text("".join(r + "\n" for r in rows))
+            if not ckpt:
+                last_path.unlink(missing_ok=True)  # an old run's interrupt must not be resumed by mistake
+        except OSError as e:
+            raise UserError(
+                f"cannot write to --out_dir={out_dir} ({e.strerror or e}); name a folder you can write to"
+            ) from None
 
     def checkpoint(step):
         rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
@@ -787,8 +803,7 @@ def train(overrides, defaults=None, make_model=GPT):
                     line += f" | eta {format_duration(eta)}"
                 log(line, flush=True)
                 if master:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(report) + "\n")
+                    append_metrics(metrics_path, report)
                     if losses[1] < best_val:
                         best_val = losses[1]
                         save_checkpoint(out_dir / "ckpt.pt", checkpoint(step))

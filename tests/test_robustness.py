@@ -147,6 +147,7 @@ BAD_SETTINGS = [
     (["--top_k=0"], "--top_k must be at least 1 (or none for no limit), got 0"),
     (["--prompt="], "--prompt must have at least one character"),
     (["--device=tpu"], "--device=tpu is not a device name; use auto, cpu, cuda, cuda:N or mps"),
+    ([f"--out_dir={ROOT / 'README.md'}"], f"--out_dir={ROOT / 'README.md'} is a file; name a folder"),
 ]
 if not torch.backends.mps.is_available():  # a device this machine lacks, as on every Linux box
     BAD_SETTINGS.append((["--device=mps"], "--device=mps, but Apple's MPS is not available here"))
@@ -344,6 +345,36 @@ def test_disk_full_while_training(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.undo()
     assert gpt.load_checkpoint(out_dir / "ckpt.pt")["step"] == 0
     assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+
+
+def test_an_out_dir_that_cannot_be_made(tmp_path, corpus, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    out_dir = tmp_path / "a_file" / "out"
+    message = refused(capsys, [*TRAIN, f"--data={corpus}", f"--out_dir={out_dir}"], tmp_path)
+    assert message == f"cannot write to --out_dir={out_dir} (Not a directory); name a folder you can write to"
+
+
+def test_disk_full_while_writing_metrics(tmp_path, corpus, monkeypatch, capsys):
+    """The first evaluation's line is written; the second one fails: one error line, the checkpoint kept."""
+    out_dir = tmp_path / "out"
+    appends = []
+
+    def full_after_one_line(path, mode="r", *args, **kwargs):
+        if mode == "a":
+            appends.append(path)
+            if len(appends) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(gpt, "open", full_after_one_line, raising=False)  # gpt's `open` is found before the builtin
+    assert gpt.main([*TRAIN, f"--data={corpus}", f"--out_dir={out_dir}"]) == 1
+    out, err = capsys.readouterr()
+    expected = (
+        f"could not write {out_dir / 'metrics.jsonl'} (No space left on device); the checkpoints beside it are kept"
+    )
+    assert err == f"error: {expected}\n"
+    assert [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert gpt.load_checkpoint(out_dir / "ckpt.pt")["step"] == 0
 
 
 def test_non_finite_loss_stops_training(tmp_path, corpus, capsys):
