@@ -841,6 +841,7 @@ def train(overrides, defaults=None, make_model=GPT):
             dist.destroy_process_group()
 
     if master:
+        last_path.unlink(missing_ok=True)  # the run got past the interrupt it resumed from, if any
         if losses is None:  # resumed a finished run: nothing was evaluated in this one
             losses = estimate_loss(model, (train_data, val_data), cfg, batch_gen, autocast)
         wall = time.time() - t_start

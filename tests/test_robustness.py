@@ -572,6 +572,7 @@ def test_resumed_run_equals_the_uninterrupted_one(resumed_runs):
     assert "Traceback" not in a_err + b_err
     stopped = resumed_runs["legs"][1]["last"]["step"]
     assert progress_steps(b_out) == [s for s in range(0, N + 1, 25) if s > stopped]  # on from the saved step
+    assert not (b_dir / "last.pt").exists()  # spent: a later --resume must not go back to it
     # the same losses, evaluation by evaluation
     rows = rows_without_timing(a_dir)
     assert [r["step"] for r in rows] == list(range(0, N + 1, 25))
