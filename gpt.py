@@ -834,6 +834,10 @@ def train(overrides, defaults=None, make_model=GPT):
                 loss = train_step(train_model, optimizer, scaler, x, y, lr, cfg.grad_clip, autocast)
             # noted on the device, read at the next evaluation: the loop never waits for the GPU between them
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if step == start_step:  # the first step compiled the training graph: ms/it counts from the next one
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_last, step_last = time.time(), step + 1
 
     finally:
         stop.restore()
@@ -858,13 +862,14 @@ def train(overrides, defaults=None, make_model=GPT):
 
 @torch.no_grad()
 def seconds_per_forward(model, data, cfg, autocast, device):
-    """The time of one forward pass over a batch, measured on the second pass (the first one compiles)."""
+    """The time of one forward pass over a batch as estimate_loss makes it, measured on the second pass.
+    The first one compiles the model for estimate_loss, which then finds it ready."""
     model.eval()
-    x = data[: cfg.block_size].expand(cfg.batch_size, -1)  # (B,T): any batch of the right shape will do
+    x, y = get_batch(data, cfg.batch_size, cfg.block_size, torch.Generator(data.device).manual_seed(0))
     for _ in range(2):
         t = time.time()
         with autocast:
-            model(x)
+            model(x, y)
         if device.type == "cuda":
             torch.cuda.synchronize()
     model.train()

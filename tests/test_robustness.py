@@ -477,6 +477,32 @@ def test_a_failing_compile_trains_without_it(fails_in_eval_mode, tmp_path, corpu
     assert all(torch.equal(compiled[k], eager[k]) for k in eager)
 
 
+def test_compile_traces_two_whole_graphs(tmp_path, corpus, monkeypatch, capsys):
+    """With torch.compile, the model is traced twice in a whole run: once without gradients (the timing pass
+    and every evaluation share it) and once for training. A third would be a compile wasted (minutes on a
+    GPU's budget of seconds); a graph break would split the model and lose fusion. The backend here runs
+    each traced graph as it is, so the run must also match the eager one exactly."""
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend=keep_graph))
+    torch._dynamo.reset()  # no traces left from elsewhere in this process
+    argv = [*TINY, f"--data={corpus}", "--max_iters=6", "--eval_interval=3", "--dropout=0.1"]
+    try:
+        assert gpt.main([*argv, "--compile=true", f"--out_dir={tmp_path / 'compiled'}"]) == 0
+    finally:
+        torch._dynamo.reset()
+    assert "compile on" in capsys.readouterr().out
+    assert len(graphs) == 2
+    monkeypatch.undo()
+    assert gpt.main([*argv, "--compile=false", f"--out_dir={tmp_path / 'eager'}"]) == 0
+    assert rows_without_timing(tmp_path / "compiled") == rows_without_timing(tmp_path / "eager")
+
+
 # ---- interruption and exact resume ------------------------------------------------------------------------------
 
 
