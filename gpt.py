@@ -172,11 +172,8 @@ class CausalSelfAttention(nn.Module):
         Tk = k.size(2)  # the positions attended to: the T of x, or more with a cache
         mask = self.tril[Tk - T : Tk, :Tk]  # (T,Tk): the rows of the T newest positions; without a cache tril[:T,:T]
         if self.fused:  # one kernel, no (T,Tk) matrix in memory; dropout only while training
-            causal = T == Tk
-            dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if causal else mask, is_causal=causal, dropout_p=dropout_p
-            )
+            causal, dropout_p = T == Tk, self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, None if causal else mask, dropout_p, is_causal=causal)
         else:  # the same, spelled out as in the lecture
             wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
             wei = wei.masked_fill(~mask, float("-inf"))  # the future may not talk to the past
@@ -275,10 +272,8 @@ def make_optimizer(model, cfg, device_type):
 
 
 def train_step(model, optimizer, scaler, x, y, lr, grad_clip, autocast):
-    """One optimizer step on x, y of shape (accum,B,T): the gradients of accum micro-batches are summed
-    (each loss divided by accum, so the sum is their mean), clipped, and applied. Returns the last loss.
-
-    Nothing here waits for the GPU: the loss stays a tensor on the device."""
+    """One optimizer step on x, y of shape (accum,B,T): the gradients of accum micro-batches are summed (each
+    loss divided by accum: their mean), clipped, and applied. Returns the last loss, still on the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     accum = x.size(0)
@@ -322,10 +317,8 @@ def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1)
 
 
 def train(overrides, defaults=None, make_model=GPT):
-    """Train a model; keep the best one in out_dir/ckpt.pt; print a sample from it at the end.
-
-    Everything before the first step (device, data, model, optimizer, resuming) is set up by setup(), and
-    the reporting is done by Progress: both are machinery, in Part 2. What is left is the loop."""
+    """Train a model; keep the best one in out_dir/ckpt.pt; print a sample from it at the end. What comes
+    before the first step (setup) and the reporting (Progress) are machinery, in Part 2: here is the loop."""
     run = setup(overrides, defaults, make_model)
     cfg, model = run.cfg, run.model
     splits = {"train": run.train_data, "val": run.val_data}
@@ -376,19 +369,15 @@ def sample_next(logits, temperature=1.0, top_k=None):
     if top_k is not None:  # forbid all but the top_k likeliest (top_k above the vocabulary: all)
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-    """Yield the next characters (B,1) one at a time, each sampled from the model's prediction after all
-    the characters before it. Any model that maps idx (B,T) to logits (B,T,vocab_size) and has a block_size
-    will do: the GPT, and the bigram of bigram.py.
-
-    As in the lecture, each step runs the context through the model, cropped to the last block_size
-    characters (there are no positions further). A GPT samples with a KV cache instead (Part 2): each step
-    feeds only what the cache lacks, usually the newest character."""
+    """Yield the next characters (B,1) one at a time, each sampled from the model's prediction after all before
+    it, for any model with a block_size that maps idx (B,T) to logits (B,T,vocab_size): the GPT, the bigram.
+    As in the lecture, each step runs the context, cropped to block_size, through the model; a GPT keeps a KV
+    cache instead (Part 2) and feeds it only what the cache lacks, usually the newest character."""
     was_training = model.training
     model.eval()  # no dropout while sampling
     cache = KVCache(model.block_size) if use_cache and isinstance(model, GPT) else None
@@ -430,25 +419,20 @@ class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line, `error: ...`, and exits with 1."""
 
 
-def _to_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
+def _converter(kind):
+    """argparse's converter for a field of this type; bool takes 1/0, true/false, yes/no, on/off, and a field
+    that may be unset (int | None) also takes the word none."""
+    base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
 
+    def convert(text):
+        if text.lower() == "none" and base is not kind:
+            return None
+        if base is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        return base(text) if base is not bool else int("not a bool")  # the ValueError argparse reports
 
-_to_bool.__name__ = "bool"  # argparse names the type in its errors: "invalid bool value"
-
-
-def _or_none(convert):
-    """convert, and the word none for None: for the settings that may be unset."""
-
-    def parse(text):
-        return None if text.lower() == "none" else convert(text)
-
-    parse.__name__ = convert.__name__
-    return parse
+    convert.__name__ = base.__name__  # argparse names it in its errors: "invalid int value: 'ten'"
+    return convert
 
 
 class _Parser(argparse.ArgumentParser):
@@ -466,22 +450,16 @@ def parse_overrides(argv, config_class=Config):
     Returns only the names given, so that a checkpoint's settings can fill in the rest."""
     parser = _Parser([f.name for f in fields(config_class)])
     for f in fields(config_class):
-        if f.type in (bool, bool | None):
-            parser.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, default=argparse.SUPPRESS)
-        else:
-            unset = [t for t in getattr(f.type, "__args__", ()) if t is not type(None)]  # X of "X | None"
-            convert = _or_none(unset[0]) if unset else f.type
-            parser.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS)
+        flag = {"nargs": "?", "const": True} if f.type in (bool, bool | None) else {}  # a bare --resume: True
+        parser.add_argument(f"--{f.name}", type=_converter(f.type), default=argparse.SUPPRESS, **flag)
     return vars(parser.parse_args(argv))
 
 
 def command_line(cfg, script="gpt.py"):
     """The command that runs cfg: `python gpt.py` and --name=value for every setting not at its default."""
-    default = type(cfg)()
-    changed = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
-    values = {name: getattr(cfg, name) for name in changed}
+    changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
     return " ".join(
-        [f"python {script}"] + [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in values.items()]
+        [f"python {script}"] + [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
     )
 
 
