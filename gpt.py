@@ -649,7 +649,8 @@ def prepare_out_dir(out_dir, resumed_step):
         resumed = resumed_step is not None and metrics.exists()
         for line in metrics.read_text(errors="replace").splitlines() if resumed else []:
             try:
-                rows += [line] if json.loads(line)["step"] <= resumed_step else []
+                if json.loads(line)["step"] <= resumed_step:
+                    rows.append(line)
             except (ValueError, TypeError, KeyError):
                 damaged += 1
         if damaged:
@@ -666,9 +667,10 @@ def prepare_out_dir(out_dir, resumed_step):
 def lock_out_dir(out_dir):
     """One training run per out_dir: an exclusive lock on out_dir/train.lock, which holds the process id. The
     operating system releases it when the process ends, however it ends (kill -9 too). Not on Windows."""
-    f = open(out_dir / "train.lock", "a+")  # noqa: SIM115 (kept open: closing it releases the lock)
+    f = open(out_dir / "train.lock", "a+")  # kept open: closing it releases the lock
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         other = f.read().strip() or "unknown"
