@@ -459,9 +459,11 @@ def _converter(kind):
     def convert(text):
         if text.lower() == "none" and base is not kind:
             return None
-        if base is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text.lower() in ("1", "true", "yes", "on")
-        return base(text) if base is not bool else int("not a bool")  # the ValueError argparse reports
+        if base is not bool:
+            return base(text)
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(text)  # argparse reports it: "invalid bool value: 'maybe'"
+        return text.lower() in ("1", "true", "yes", "on")
 
     convert.__name__ = base.__name__  # argparse names it in its errors: "invalid int value: 'ten'"
     return convert
