@@ -377,12 +377,14 @@ def train(overrides, defaults=None, make_model=GPT):
             # one optimizer step
             loss = train_step(model, run.optimizer, run.scaler, x, y, lr, cfg.grad_clip, run.autocast)
             progress.watch(step, loss)
+        leave_process_group()  # all processes are done; rank 0 alone writes the sample
         return run.finish(progress.losses, stop)
     except torch.OutOfMemoryError:
         raise UserError(out_of_memory(cfg)) from None
     finally:
         stop.restore()
-        run.close()
+        leave_process_group()
+        run.unlock()
 
 
 # ---- 5. Sampling: the model writes, one character at a time.
@@ -766,6 +768,11 @@ def setup_distributed(device_name):
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def leave_process_group():
+    if dist.is_initialized():  # under torchrun, even with one process
+        dist.destroy_process_group()
+
+
 def out_of_memory(cfg):
     """What to do when the device runs out of memory, in the user's terms."""
     keep = f"lower --batch_size ({cfg.batch_size}) and raise --gradient_accumulation_steps by the same factor"
@@ -813,8 +820,11 @@ class Run:
         if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
             torch.manual_seed(cfg.seed + rank)
         self.model, self.compiled = compile_model(self.raw_model, cfg, device, self.autocast, self.train_data, self.log)
-        if world_size > 1:  # averages the gradients over the processes; the buffers (tril) never change: no sync
-            self.model = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+        if world_size > 1:  # averages the gradients over the processes; tril never changes: no buffer syncs
+            try:  # (a buffer sync before an evaluation's first batch would hang one cut short by Ctrl-C)
+                self.model = nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False)
+            except TypeError:  # PyTorch before 2.13
+                self.model = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
 
     def restore(self, ckpt):
         load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
@@ -869,10 +879,7 @@ class Run:
         print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
         return 0
 
-    def close(self):
-        """However the run ends: leave the process group, and unlock out_dir."""
-        if dist.is_initialized():  # under torchrun, even with one process
-            dist.destroy_process_group()
+    def unlock(self):
         if self.lock:
             (self.out_dir / "train.lock").unlink(missing_ok=True)
             self.lock.close()  # the lock goes with it
