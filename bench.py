@@ -5,17 +5,17 @@
 
 It takes gpt.py's hyperparameters by the same names (--name=value), plus two of its own: --steps=N, the
 number of timed training steps (default: 50 on CUDA, 5 elsewhere, after a few untimed warm-up steps), and
---json=PATH, to write the figures as one JSON object. The model is built as gpt.train builds it (precision,
-fused optimizer, torch.compile rule). Its weights are random, which does not change the speed; its
-vocabulary is that of the training text, since sampling needs one. Sampling writes --max_new_tokens
-characters (500) after --prompt (a newline), with the KV cache and without.
+--json=PATH, to write the figures as one JSON object. The run is built by gpt.Run, as `python gpt.py` builds
+it (precision, fused optimizer, torch.compile, tried once at setup). Its weights are random, which does not
+change the speed; its vocabulary is that of the training text, since sampling needs one. Sampling writes
+--max_new_tokens characters (500) after --prompt (a newline), with the KV cache and without.
 """
 
 import json
 import platform
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,46 +24,31 @@ import gpt
 from gpt import UserError
 
 
+@dataclass
+class BenchConfig(gpt.Config):
+    steps: int | None = None  # timed training steps; unset: 50 on CUDA, 5 elsewhere
+    json: str | None = None  # write the figures to this file as one JSON object
+
+
 def parse_args(argv):
-    """Split off bench.py's own flags; the rest are gpt.py's overrides."""
-    own, rest = {"steps": None, "json": None}, []
-    for arg in argv:
-        name, equals, value = arg.partition("=")
-        if name not in ("--steps", "--json"):
-            rest.append(arg)
-        elif not equals or not value:
-            raise UserError(f"{name} needs a value: write {name}={'N' if name == '--steps' else 'PATH'}")
-        else:
-            own[name[2:]] = value
-    if own["steps"] is not None:
-        if not own["steps"].isdigit() or int(own["steps"]) < 1:
-            raise UserError(f"--steps must be a whole number of at least 1, got {own['steps']!r}")
-        own["steps"] = int(own["steps"])
-    if own["json"] is not None and Path(own["json"]).is_dir():
-        raise UserError(f"--json={own['json']} is a folder; name a file to write")
-    if own["json"] is not None and not Path(own["json"]).parent.is_dir():
-        raise UserError(f"--json={own['json']}: the folder {Path(own['json']).parent} does not exist")
-    try:
-        overrides = gpt.parse_overrides(rest)
-    except UserError as e:
-        raise UserError(f"{e} (and bench.py's own: steps json)") from None
-    return own, overrides
-
-
-def synchronize(device):
-    """Wait for the device to finish its queued work, so that the clock measures work, not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    """gpt.py's settings and bench.py's own, through gpt.py's parser."""
+    cfg = replace(BenchConfig(), **gpt.parse_overrides(argv, BenchConfig))
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.json is not None and (not cfg.json or Path(cfg.json).is_dir()):
+        raise UserError(f"--json={cfg.json} is not a file name; name a file to write")
+    if cfg.json is not None and not Path(cfg.json).parent.is_dir():
+        raise UserError(f"--json={cfg.json}: the folder {Path(cfg.json).parent} does not exist")
+    gpt.check_config(cfg)
+    return cfg
 
 
 def timed(device, fn):
     """Seconds that fn() takes on the device."""
-    synchronize(device)
+    gpt.synchronize(device)
     t = time.perf_counter()
     fn()
-    synchronize(device)
+    gpt.synchronize(device)
     return time.perf_counter() - t
 
 
@@ -77,70 +62,41 @@ def peak_memory(device):
     return max_rss / (2**20 if sys.platform == "darwin" else 2**10), "max RSS of the whole process"
 
 
-def bench(own, overrides):
-    cfg = replace(gpt.Config(), **overrides)
-    gpt.check_config(cfg)
+def bench(cfg):
     device = gpt.resolve_device(cfg.device)
-    dtype, autocast, scaler, use_compile = gpt.fast_path(cfg, device)
-    steps = own["steps"] or (50 if device.type == "cuda" else 5)
-    warmup = 5 if device.type == "cuda" else 1  # compilation, cuBLAS heuristics, the caching allocator
-
-    text = gpt.load_text(cfg.data)
-    tokenizer = gpt.CharTokenizer.from_text(text)
-    prompt = torch.tensor([gpt.encode_prompt(tokenizer, cfg.prompt)], dtype=torch.long, device=device)  # (1,T)
-    splits = gpt.split_data(torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device))
-    if len(splits[1]) <= cfg.block_size:
-        raise UserError(f"the validation split has {len(splits[1])} characters, too few for --block_size "
-                        f"{cfg.block_size}; use a longer text or a smaller --block_size")  # fmt: skip
-
-    # as gpt.train does it
-    torch.manual_seed(cfg.seed)
-    model = raw_model = gpt.GPT(tokenizer.vocab_size, cfg).to(device)
-    optimizer = gpt.make_optimizer(raw_model, cfg, device.type)
-    batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    if use_compile:
-        model = torch.compile(raw_model)
+    run = gpt.Run(cfg, device)  # as python gpt.py builds it
+    steps = cfg.steps or (50 if device.type == "cuda" else 5)
+    warmup = 5 if device.type == "cuda" else 1  # cuBLAS heuristics, the caching allocator
+    prompt = torch.tensor([gpt.encode_prompt(run.tokenizer, cfg.prompt)], dtype=torch.long, device=device)  # (1,T)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    accum = cfg.gradient_accumulation_steps
-    tokens_per_iter = cfg.batch_size * accum * cfg.block_size
+    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
 
     def step():
-        x, y = gpt.get_batch(splits[0], cfg.batch_size * accum, cfg.block_size, batch_gen)
-        x, y = x.reshape(accum, cfg.batch_size, -1), y.reshape(accum, cfg.batch_size, -1)  # (accum,B,T)
-        gpt.train_step(model, optimizer, scaler, x, y, cfg.learning_rate, cfg.grad_clip, autocast)
+        x, y = gpt.get_share(run.train_data, cfg, run.batch_gen)  # (accum,B,T)
+        gpt.train_step(run.model, run.optimizer, run.scaler, x, y, cfg.learning_rate, cfg.grad_clip, run.autocast)
 
-    try:
-        step()  # the first warm-up step compiles
-    except Exception as e:
-        if not use_compile:
-            raise
-        print(f"warning: torch.compile failed ({type(e).__name__}); measuring without it", file=sys.stderr)
-        use_compile, model = False, raw_model
-        optimizer.zero_grad(set_to_none=True)
-    for _ in range(warmup - 1):
+    for _ in range(warmup):
         step()
     ms = torch.tensor([1000 * timed(device, step) for _ in range(steps)], dtype=torch.float64)
     p10, median, p90 = ms.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    peak = gpt.peak_flops(device, dtype)
-    mfu = gpt.flops_per_token(raw_model, cfg) * tokens_per_iter / (median / 1000) / peak if peak else None
+    peak = gpt.peak_flops(device, run.dtype)
+    mfu = gpt.flops_per_token(run.raw_model, cfg) * tokens_per_iter / (median / 1000) / peak if peak else None
 
     # evaluation as gpt.train runs it: eval_iters batches of each split, without gradients, under autocast
-    gpt.estimate_loss(model, splits, replace(cfg, eval_iters=1), batch_gen, autocast)  # warm-up (compiles)
+    splits = {"train": run.train_data, "val": run.val_data}
+    gpt.estimate_loss(run.model, splits, replace(cfg, eval_iters=1), run.batch_gen, run.autocast)  # warm-up
     timed_cfg = replace(cfg, eval_iters=steps)  # 2 * steps batches
-    eval_s = timed(device, lambda: gpt.estimate_loss(model, splits, timed_cfg, batch_gen, autocast))
+    eval_s = timed(device, lambda: gpt.estimate_loss(run.model, splits, timed_cfg, run.batch_gen, run.autocast))
     eval_ms = 1000 * eval_s / (2 * steps)
     mem_mb, mem_kind = peak_memory(device)
-    # the evaluations of a whole run with these settings: at step 0, every eval_interval, and at the end
-    evaluations = cfg.max_iters // cfg.eval_interval + 1 + (cfg.max_iters % cfg.eval_interval > 0)
-    eval_run_s = evaluations * 2 * cfg.eval_iters * eval_ms / 1000
+    eval_run_s = gpt.count_evaluations(cfg) * 2 * cfg.eval_iters * eval_ms / 1000  # a whole run's evaluations
     eval_share = eval_run_s / (eval_run_s + cfg.max_iters * median / 1000)
 
     # sampling, with the uncompiled model and in float32, as gpt.py samples
     def sample(n, use_cache):
         torch.manual_seed(cfg.seed)
-        raw_model.generate(prompt, n, cfg.temperature, cfg.top_k, use_cache=use_cache)
+        gpt.generate(run.raw_model, prompt, n, cfg.temperature, cfg.top_k, use_cache=use_cache)
 
     n = cfg.max_new_tokens
     for use_cache in (True, False):
@@ -153,10 +109,10 @@ def bench(own, overrides):
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "compile": use_compile,
-        "params": sum(p.numel() for p in raw_model.parameters()),
-        "config": asdict(cfg),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "compile": run.compiled,
+        "params": sum(p.numel() for p in run.raw_model.parameters()),
+        "config": asdict(gpt.Config(**{k: v for k, v in asdict(cfg).items() if k not in ("steps", "json")})),
         "weights": "random",
         "warmup_steps": warmup,
         "steps": steps,
@@ -204,14 +160,14 @@ def table(r):
 
 def main(argv=None):
     try:
-        own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        result = bench(own, overrides)
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        result = bench(cfg)
         print(table(result))
-        if own["json"]:
+        if cfg.json:
             try:
-                Path(own["json"]).write_text(json.dumps(result, indent=2) + "\n")
+                Path(cfg.json).write_text(json.dumps(result, indent=2) + "\n")
             except OSError as e:
-                raise UserError(f"could not write {own['json']} ({e.strerror or e})") from None
+                raise UserError(f"could not write {cfg.json} ({e.strerror or e})") from None
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,22 +44,18 @@ class BigramLanguageModel(nn.Module):
 
     def __init__(self, vocab_size, cfg):
         super().__init__()
-        self.block_size = cfg.block_size  # only used to crop the context while sampling
+        self.block_size = cfg.block_size  # gpt.generate crops the context to it; a bigram reads only the last
         self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
         # start from uniform predictions (loss ln(vocab_size)); the lecture keeps PyTorch's N(0,1) init, which
         # starts confidently wrong (4.88) and leaves rows of rare characters short of converged in 3000 steps
         nn.init.zeros_(self.token_embedding_table.weight)
 
-    def forward(self, idx, targets=None, cache=None, start_pos=0):  # cache, start_pos: no use to a bigram
+    def forward(self, idx, targets=None):
         logits = self.token_embedding_table(idx)  # (B,T,vocab_size)
         if targets is None:
             return logits, None
         B, T, C = logits.shape
         return logits, F.cross_entropy(logits.view(B * T, C), targets.reshape(B * T))
-
-    # gpt.py's sampling loop; with the cache on, each step feeds only the newest character, all a bigram needs
-    stream = gpt.GPT.stream
-    generate = gpt.GPT.generate
 
 
 def count_based_loss(train, val, vocab_size):
@@ -79,6 +75,7 @@ def whole_split_loss(model, data):
 
 
 def compare_with_counts(cfg):
+    """Print the trained table's val loss beside the count-based reference."""
     path = Path(cfg.out_dir) / "ckpt.pt"
     ckpt = gpt.load_checkpoint(path)
     tokenizer = gpt.CharTokenizer(ckpt["vocab"])
@@ -87,8 +84,10 @@ def compare_with_counts(cfg):
     gpt.load_model_state(model, ckpt, path)
     ours = whole_split_loss(model, val)
     reference = count_based_loss(train.numpy(), val.numpy(), tokenizer.vocab_size)
-    print(f"bigram val loss over the whole val split: {ours:.4f} | counted from the train split (add-one): "
-          f"{reference:.4f} | gap {ours - reference:+.4f}")  # fmt: skip
+    print(
+        f"bigram val loss over the whole val split: {ours:.4f} | counted from the train split (add-one): "
+        f"{reference:.4f} | gap {ours - reference:+.4f}"
+    )
 
 
 def main(argv=None):

@@ -1,14 +1,11 @@
 """A character-level GPT, written out in one file you can read top to bottom.
 
-It follows the lecture "Let's build GPT: from scratch, in code, spelled out" (A. Karpathy, 2023):
-a decoder-only Transformer learns to continue tiny Shakespeare one character at a time, then writes
-new "Shakespeare" of its own. The file reads in this order:
+It follows the lecture "Let's build GPT: from scratch, in code, spelled out" (A. Karpathy, 2023): a decoder-only
+Transformer learns to continue tiny Shakespeare one character at a time, then writes new "Shakespeare" of its own.
 
-    1. hyperparameters   the knobs, each one a line you can edit or override: --name=value
-    2. data              download input.txt, characters <-> integers, train/val split, random batches
-    3. model             causal self-attention -> feed-forward -> Block -> GPT (with generate)
-    4. training          learning-rate schedule, loss estimates, checkpoints, the loop
-    5. sampling, main()  write text from a checkpoint; everything with side effects runs from main()
+    PART 1, THE GPT        1. hyperparameters  2. data  3. model  4. training  5. sampling: the lecture, in order
+    PART 2, THE MACHINERY  command line, download, checkpoints, devices, several processes, setting up a run,
+                           interrupts, progress reports, the KV cache, main(): a first read can stop before it
 
     python gpt.py                          train with the defaults below, then print a sample
     python gpt.py --sample --prompt=ROMEO: write text with the model saved in out/ckpt.pt
@@ -33,8 +30,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Hyperparameters: edit them here, or override any of them on the command line by name.
+# ====================================== PART 1, THE GPT ======================================
+
+# ---- 1. Hyperparameters: edit them here, or override any of them on the command line by name.
 
 
 @dataclass
@@ -80,138 +78,13 @@ class Config:
 # learning_rate=3e-4 (constant) eval_iters=200 n_embd=384 n_head=6 n_layer=6 dropout=0.2 -> val 1.48.
 
 # A run that fits a laptop: val 1.73 in about 2 minutes on two CPU cores (README: "What to expect").
-CPU_RECIPE = (
-    "python gpt.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=16"
-    " --dropout=0 --max_iters=2000 --learning_rate=2e-3 --min_lr=2e-4 --eval_interval=500 --eval_iters=20"
-    " --out_dir=out-cpu"
-)
+# command_line(CPU_RECIPE) spells it out as the command to type.
+CPU_RECIPE = replace(Config(), device="cpu", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
+CPU_RECIPE = replace(CPU_RECIPE, batch_size=16, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, eval_iters=20)
+CPU_RECIPE = replace(CPU_RECIPE, out_dir="out-cpu")
 
-
-class UserError(Exception):
-    """A mistake the user can fix. main() prints it as one line, `error: ...`, and exits with 1."""
-
-
-def _to_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
-
-
-def _to_optional_int(text):
-    return None if text.lower() == "none" else int(text)
-
-
-_to_bool.__name__, _to_optional_int.__name__ = "bool", "int"  # argparse names them in its errors
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print its usage and exit 2; we want one line
-        names = " ".join(f.name for f in fields(Config))
-        raise UserError(f"{message}. Valid names: {names}")
-
-
-def parse_overrides(argv):
-    """--name=value or --name value for every field of Config; booleans also as a bare --name.
-
-    Returns only the names given, so that a checkpoint's settings can fill in the rest."""
-    parser = _Parser(prog="gpt.py", allow_abbrev=False, add_help=False)
-    for f in fields(Config):
-        if f.type in (bool, bool | None):
-            parser.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, default=argparse.SUPPRESS)
-        else:
-            convert = _to_optional_int if f.type == int | None else f.type
-            parser.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS)
-    return vars(parser.parse_args(argv))
-
-
-def check_config(cfg):
-    """Refuse settings that cannot work, before anything is read or written."""
-    for name in ("batch_size", "block_size", "n_embd", "n_head", "n_layer", "max_iters", "eval_interval",
-                 "eval_iters", "gradient_accumulation_steps", "max_new_tokens", "num_samples"):  # fmt: skip
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head}): "
-                        f"each head gets n_embd // n_head channels")  # fmt: skip
-    if not cfg.learning_rate > 0:
-        raise UserError(f"--learning_rate must be above 0, got {cfg.learning_rate}")
-    if not 0 <= cfg.min_lr <= cfg.learning_rate:
-        raise UserError(f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    for name in ("warmup_iters", "weight_decay", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.beta2 < 1:
-        raise UserError(f"--beta2 must be in [0, 1), got {cfg.beta2}")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must be at least 0 (0 means greedy), got {cfg.temperature}")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise UserError(f"--top_k must be at least 1 (or none for no limit), got {cfg.top_k}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    if not cfg.prompt:
-        raise UserError("--prompt must have at least one character (the default is a newline)")
-    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
-        raise UserError(f"--out_dir={cfg.out_dir} is a file; name a folder (it is made if it does not exist)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. Data: the text, its characters as integers, and random batches of windows.
-
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DEFAULT_DATA = Path(__file__).with_name("input.txt")
-
-
-def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
-    """Fetch tiny Shakespeare into `path`, so that `path` is afterwards either whole and correct, or absent.
-
-    The bytes stream into a temporary file beside `path`, their sha256 is checked, and only then is the
-    file renamed into place (a rename within one folder is atomic)."""
-    path = Path(path)
-    by_hand = f"download {url} by hand and save it as {path}"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=timeout) as response:
-            response.raise_for_status()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            raise UserError(f"the file from {url} is not tiny Shakespeare (sha256 {digest.hexdigest()[:16]}..., "
-                            f"expected {sha256[:16]}...); {by_hand}")  # fmt: skip
-        os.chmod(tmp, 0o644)  # mkstemp makes it private to us; a data file or checkpoint need not be
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
-        raise UserError(f"could not download tiny Shakespeare from {url} ({reason}); "
-                        f"check your connection, or {by_hand}") from None  # fmt: skip
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already when the rename happened
-
-
-def load_text(data=""):
-    """The training text: the file named by --data, or tiny Shakespeare, downloaded on first use."""
-    path = Path(data) if data else DEFAULT_DATA
-    if not data and not path.exists():
-        print(f"downloading tiny Shakespeare to {path}")
-        download(path)
-    if path.is_dir():
-        raise UserError(f"--data={path} is a folder; name a text file")
-    if not path.is_file():
-        raise UserError(f"--data={path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                        f"convert it to UTF-8 first") from None  # fmt: skip
-    if not text:
-        raise UserError(f"{path} is empty; train on a file with some text in it")
-    return text
+# ---- 2. Data: the text (load_text, in Part 2, downloads tiny Shakespeare on first use), its characters as
+# integers, and random batches of windows.
 
 
 class CharTokenizer:
@@ -256,8 +129,16 @@ def get_batch(data, batch_size, block_size, generator):
     return windows[:, :-1], windows[:, 1:]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. The model.
+def get_share(data, cfg, generator, rank=0, world_size=1):
+    """A step's batch, as this process takes it: x, y of shape (accum,B,T), accum micro-batches of batch_size.
+    All processes draw the same global batch and keep their share, so the batches do not depend on the split."""
+    accum = cfg.gradient_accumulation_steps
+    x, y = get_batch(data, cfg.batch_size * accum * world_size, cfg.block_size, generator)
+    shares = (accum, world_size, cfg.batch_size, cfg.block_size)  # (accum * world * B, T) -> (accum,world,B,T)
+    return x.reshape(shares)[:, rank], y.reshape(shares)[:, rank]
+
+
+# ---- 3. The model.
 
 
 class CausalSelfAttention(nn.Module):
@@ -278,25 +159,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.fused = cfg.fused_attention
         # tril[i, j] says whether position i may look at position j: only at itself and the past
-        self.register_buffer("tril", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)),
-                             persistent=False)  # fmt: skip
+        tril = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
+        self.register_buffer("tril", tril, persistent=False)
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B,T,C)
         # split the channels into heads: (B,T,C) -> (B,T,nh,hs) -> (B,nh,T,hs), the heads now a batch dim
         q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:  # sampling: the keys and values of earlier positions are kept, not recomputed
-            if self in cache:
-                past_k, past_v = cache[self]
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B,nh,Tk,hs)
-            cache[self] = (k, v)
-        Tk = k.size(2)  # keys: T, or more when the cache holds earlier positions
-        mask = self.tril[Tk - T : Tk, :Tk]  # (T,Tk): the rows of the T newest positions
+        if cache is not None:  # sampling: the keys and values of earlier positions join in (Part 2, KVCache)
+            k, v = cache.extend(self, k, v)  # (B,nh,Tk,hs)
+        Tk = k.size(2)  # the positions attended to: the T of x, or more with a cache
+        mask = self.tril[Tk - T : Tk, :Tk]  # (T,Tk): the rows of the T newest positions; without a cache tril[:T,:T]
         if self.fused:  # one kernel, no (T,Tk) matrix in memory; dropout only while training
-            causal = T == Tk
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0)  # fmt: skip
+            causal, dropout_p = T == Tk, self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, None if causal else mask, dropout_p, is_causal=causal)
         else:  # the same, spelled out as in the lecture
             wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
             wei = wei.masked_fill(~mask, float("-inf"))  # the future may not talk to the past
@@ -358,11 +235,11 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx, targets=None, cache=None, start_pos=0):
+    def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
+        start = len(cache) if cache is not None else 0  # with a KV cache, idx continues the cached positions
         tok_emb = self.token_embedding_table(idx)  # (B,T,C) what each character is
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-        pos_emb = self.position_embedding_table(pos)  # (T,C) where it is
+        pos_emb = self.position_embedding_table(torch.arange(start, start + T, device=idx.device))  # (T,C) where
         x = self.drop(tok_emb + pos_emb)  # (B,T,C)
         for block in self.blocks:
             x = block(x, cache)
@@ -372,57 +249,8 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # cross_entropy wants (N,C)
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """idx (B,T) continued by max_new_tokens sampled characters: (B,T+max_new_tokens)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, use_cache)], dim=1)
 
-    @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Yield the next characters (B,1) one at a time: each is sampled from the model's prediction
-        after all the characters before it, cropped to the last block_size (there are no positions further).
-
-        Without the cache every step runs the whole context through the model, as in the lecture. With
-        it, each layer keeps the keys and values it computed, and a step costs one position. The learned
-        position embeddings put one limit on that: when the cache holds block_size positions, the next
-        character has no position left, and shifting the window would change every position embedding
-        and so every cached key. Then the cache is rebuilt from the newest block_size // 2 characters,
-        which start again at position 0. The two ways agree exactly while the text fits in block_size;
-        past that the cached one sees between block_size // 2 and block_size characters of context."""
-        was_training = self.training
-        self.eval()  # no dropout while sampling
-        try:
-            cache, n_cached = {}, 0  # n_cached: positions whose keys and values are in the cache
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits, _ = self(idx[:, -self.block_size :])
-                elif n_cached == 0 or n_cached == self.block_size:  # (re)build from the newest characters
-                    cache.clear()
-                    keep = self.block_size if n_cached == 0 else max(1, self.block_size // 2)  # 1 when block_size is 1
-                    context = idx[:, -keep:]
-                    logits, _ = self(context, cache=cache)
-                    n_cached = context.size(1)
-                else:  # only the newest character is new
-                    logits, _ = self(idx[:, -1:], cache=cache, start_pos=n_cached)
-                    n_cached += 1
-                logits = logits[:, -1, :].float()  # (B,vocab_size): the prediction after the last character
-                if temperature == 0:
-                    idx_next = logits.argmax(dim=-1, keepdim=True)  # greedy
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:  # forbid all but the top_k likeliest (top_k above the vocabulary: all)
-                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = F.softmax(logits, dim=-1)
-                    idx_next = torch.multinomial(probs, num_samples=1)  # (B,1)
-                idx = torch.cat((idx, idx_next), dim=1)
-                yield idx_next
-        finally:
-            self.train(was_training)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Training.
+# ---- 4. Training.
 
 
 def get_lr(step, cfg):
@@ -444,10 +272,8 @@ def make_optimizer(model, cfg, device_type):
 
 
 def train_step(model, optimizer, scaler, x, y, lr, grad_clip, autocast):
-    """One optimizer step on x, y of shape (accum, B, T): the gradients of accum micro-batches are summed
-    (each loss divided by accum, so the sum is their mean), clipped, and applied. Returns the last loss.
-
-    Nothing here waits for the GPU: the loss stays a tensor on the device."""
+    """One optimizer step on x, y of shape (accum,B,T): the gradients of accum micro-batches are summed (each
+    loss divided by accum: their mean), clipped, and applied. Returns the last loss, still on the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     accum = x.size(0)
@@ -468,98 +294,268 @@ def train_step(model, optimizer, scaler, x, y, lr, grad_clip, autocast):
 
 @torch.no_grad()
 def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1):
-    """The mean loss over eval_iters random batches of each split, with dropout off.
+    """The mean loss over eval_iters random batches of each split, with dropout off: {'train': .., 'val': ..}.
 
-    One batch's loss is noisy; an average over many is what we compare and plot. Each batch is a global
-    batch as in training (batch_size x accumulation x processes windows), so the batch generator moves on
-    alike however that batch is split: each process takes its share in micro-batches, and the means are
-    averaged over all of them."""
+    One batch's loss is noisy; an average over many is what we compare and plot. Each batch is a step's
+    batch as in training (get_share), so the generator moves on alike however the work is split; the
+    means are averaged over the processes."""
     model.eval()
-    accum = cfg.gradient_accumulation_steps
-    means = []
-    for data in splits:
+    out = {}
+    for split, data in splits.items():
         losses = torch.zeros(cfg.eval_iters, device=data.device)
         for i in range(cfg.eval_iters):
-            x, y = get_batch(data, cfg.batch_size * accum * world_size, cfg.block_size, generator)
-            x = x.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]  # (accum,B,T), as in training
-            y = y.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]
+            x, y = get_share(data, cfg, generator, rank, world_size)  # (accum,B,T)
             with autocast:
-                losses[i] = sum(model(x[m], y[m])[1] for m in range(accum)) / accum
-        means.append(losses.mean())
-    means = torch.stack(means)
+                losses[i] = sum(model(x[m], y[m])[1] for m in range(len(x))) / len(x)
+        out[split] = losses.mean()
+    means = torch.stack(list(out.values()))
     if world_size > 1:
         dist.all_reduce(means)  # sum over the processes
         means /= world_size
     model.train()
-    return means.tolist()
+    return dict(zip(out, means.tolist(), strict=True))
 
 
-# A card's peak dense matrix throughput in TFLOP/s: (bfloat16/float16, float32 as TF32), for MFU.
-PEAK_TFLOPS = {"H200": (989, 494), "H100 PCIe": (756, 378), "H100": (989, 494), "A100": (312, 156),
-               "L40S": (362, 183), "L4": (121, 60), "A10": (125, 62), "RTX 4090": (165, 83),
-               "RTX 3090": (71, 36), "V100": (125, 15.7), "T4": (65, 8.1)}  # fmt: skip
-
-
-def peak_flops(device, dtype):
-    """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for card, (half, single) in PEAK_TFLOPS.items():
-        if card in name:
-            return 1e12 * (single if dtype == torch.float32 else half)
-    return None
-
-
-def flops_per_token(model, cfg):
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV."""
-    n_params = sum(p.numel() for p in model.parameters())
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
-def resolve_device(name):
-    """auto -> cuda, else mps, else cpu; an explicit name must exist on this machine."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+def train(overrides, defaults=None, make_model=GPT):
+    """Train a model; keep the best one in out_dir/ckpt.pt; print a sample from it at the end. What comes
+    before the first step (setup) and the reporting (Progress) are machinery, in Part 2: here is the loop."""
+    run = setup(overrides, defaults, make_model)
+    cfg, model = run.cfg, run.model
+    splits = {"train": run.train_data, "val": run.val_data}
+    progress = Progress(run)  # ms/it, tok/s, MFU, ETA, metrics.jsonl, and a watch on the loss
+    stop = StopRequest()  # Ctrl-C or SIGTERM: stop after this step, and save
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda, but this machine has no CUDA GPU; use --device=cpu (or leave it auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps, but Apple's MPS is not available here; use --device=cpu (or leave it auto)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name} is not supported; use auto, cpu, cuda or mps")
-    return device
+        for step in range(run.start_step, cfg.max_iters + 1):
+            # the learning rate: a linear warm-up, then a cosine decay
+            lr = get_lr(step, cfg)
+
+            # evaluate, report and keep the best model: every eval_interval steps, and at the end
+            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step > run.evaluated_step:
+                progress.pause(step)  # the clock stops for the evaluation; a loss gone NaN stops the run here
+                losses = estimate_loss(model, splits, cfg, run.batch_gen, run.autocast, run.rank, run.world_size)
+                progress.report(step, losses, lr)
+                if losses["val"] < run.best_val:
+                    run.best_val = losses["val"]
+                    run.save("ckpt.pt", step)
+            if step == cfg.max_iters:
+                break
+
+            # Ctrl-C or SIGTERM (to any of the processes): save this step in last.pt and stop
+            signum = stop_requested(stop, run.device, run.world_size)
+            if signum:
+                return run.interrupted(step, signum, progress)
+
+            # a batch: every process draws the same global batch and keeps its share, (accum,B,T)
+            x, y = get_share(run.train_data, cfg, run.batch_gen, run.rank, run.world_size)
+
+            # one optimizer step
+            loss = train_step(model, run.optimizer, run.scaler, x, y, lr, cfg.grad_clip, run.autocast)
+            progress.watch(step, loss)
+    finally:
+        stop.restore()
+        if dist.is_initialized():  # under torchrun, even with one process
+            dist.destroy_process_group()
+    return run.finish(progress.losses)
 
 
-def resolve_dtype(name, device):
-    """Training precision: bfloat16 where the GPU has it (same range as float32, no loss scaling), float16
-    with a gradient scaler on older GPUs, float32 on CPU and Apple GPUs."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        # bfloat16 units came with compute capability 8.0 (A100); is_bf16_supported() also says yes to older
-        # cards that only emulate it, slowly
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if name != "float32" and device.type != "cuda":
-        raise UserError(f"--dtype={name} is for CUDA GPUs; use --dtype=float32 on {device.type}")
-    return getattr(torch, name)
+# ---- 5. Sampling: the model writes, one character at a time.
 
 
-def fast_path(cfg, device):
-    """The speed-ups, all of which only change anything on a CUDA GPU: the training dtype, an autocast
-    context that runs matrix products in it, a gradient scaler (which only acts for float16), TF32 for the
-    remaining float32 products, and whether to torch.compile (on CUDA under Linux, unless told)."""
-    dtype = resolve_dtype(cfg.dtype, device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"
-    return dtype, autocast, scaler, use_compile
+def sample_next(logits, temperature=1.0, top_k=None):
+    """The next characters (B,1), drawn from the logits (B,vocab_size) of each sequence's last position."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy: always the likeliest
+    logits = logits / temperature
+    if top_k is not None:  # forbid all but the top_k likeliest (top_k above the vocabulary: all)
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    """Yield the next characters (B,1) one at a time, each sampled from the model's prediction after all before
+    it, for any model with a block_size that maps idx (B,T) to logits (B,T,vocab_size): the GPT, the bigram.
+    As in the lecture, each step runs the context, cropped to block_size, through the model; a GPT keeps a KV
+    cache instead (Part 2) and feeds it only what the cache lacks, usually the newest character."""
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    cache = KVCache(model.block_size) if use_cache and isinstance(model, GPT) else None
+    try:
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits, _ = model(idx[:, -model.block_size :])
+            else:
+                logits, _ = model(cache.uncached(idx), cache=cache)
+            idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k)  # (B,1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+    finally:
+        model.train(was_training)
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    """idx (B,T) continued by max_new_tokens sampled characters: (B,T+max_new_tokens)."""
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, temperature, top_k, use_cache)], dim=1)
+
+
+def print_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, device):
+    """Print the prompt, then each new character as soon as it is sampled."""
+    idx = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)  # (1,T)
+    print(prompt, end="", flush=True)
+    for idx_next in stream(model, idx, max_new_tokens, temperature, top_k):
+        print(tokenizer.decode(idx_next[0].tolist()), end="", flush=True)
+    print()
+
+
+# =================================== PART 2, THE MACHINERY ===================================
+# A first read can stop here: the GPT and its training are all above. What follows makes them run first time
+# on any machine, and lose nothing.
+
+# ---- The command line: --name=value for every field of Config, checked before anything is read or written.
+
+
+class UserError(Exception):
+    """A mistake the user can fix. main() prints it as one line, `error: ...`, and exits with 1."""
+
+
+def _converter(kind):
+    """argparse's converter for a field of this type; bool takes 1/0, true/false, yes/no, on/off, and a field
+    that may be unset (int | None) also takes the word none."""
+    base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
+
+    def convert(text):
+        if text.lower() == "none" and base is not kind:
+            return None
+        if base is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        return base(text) if base is not bool else int("not a bool")  # the ValueError argparse reports
+
+    convert.__name__ = base.__name__  # argparse names it in its errors: "invalid int value: 'ten'"
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, names):
+        super().__init__(allow_abbrev=False, add_help=False)
+        self.names = names
+
+    def error(self, message):  # argparse would print its usage and exit 2; we want one line
+        raise UserError(f"{message}. Valid names: {' '.join(self.names)}")
+
+
+def parse_overrides(argv, config_class=Config):
+    """--name=value or --name value for every field of config_class; booleans also as a bare --name.
+
+    Returns only the names given, so that a checkpoint's settings can fill in the rest."""
+    parser = _Parser([f.name for f in fields(config_class)])
+    for f in fields(config_class):
+        flag = {"nargs": "?", "const": True} if f.type in (bool, bool | None) else {}  # a bare --resume: True
+        parser.add_argument(f"--{f.name}", type=_converter(f.type), default=argparse.SUPPRESS, **flag)
+    return vars(parser.parse_args(argv))
+
+
+def command_line(cfg, script="gpt.py"):
+    """The command that runs cfg: `python gpt.py` and --name=value for every setting not at its default."""
+    changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    return " ".join(
+        [f"python {script}"] + [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
+    )
+
+
+AT_LEAST_1 = ("batch_size", "block_size", "n_embd", "n_head", "n_layer", "max_iters", "eval_interval", "eval_iters")
+AT_LEAST_1 += ("gradient_accumulation_steps", "max_new_tokens", "num_samples")
+
+
+def check_config(cfg):
+    """Refuse settings that cannot work, before anything is read or written."""
+    for name in AT_LEAST_1:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        each = "each head gets n_embd // n_head channels"
+        raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head}): {each}")
+    if not cfg.learning_rate > 0:
+        raise UserError(f"--learning_rate must be above 0, got {cfg.learning_rate}")
+    if not 0 <= cfg.min_lr <= cfg.learning_rate:
+        raise UserError(f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("warmup_iters", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.beta2 < 1:
+        raise UserError(f"--beta2 must be in [0, 1), got {cfg.beta2}")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature must be at least 0 (0 means greedy), got {cfg.temperature}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(f"--top_k must be at least 1 (or none for no limit), got {cfg.top_k}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if not cfg.prompt:
+        raise UserError("--prompt must have at least one character (the default is a newline)")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise UserError(f"--out_dir={cfg.out_dir} is a file; name a folder (it is made if it does not exist)")
+
+
+# ---- The download: tiny Shakespeare, fetched on first use and checked, or the user's own text.
+
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA = Path(__file__).with_name("input.txt")
+
+
+def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
+    """Fetch tiny Shakespeare into `path`, so that `path` is afterwards either whole and correct, or absent.
+
+    The bytes stream into a temporary file beside `path`, their sha256 is checked, and only then is the
+    file renamed into place (a rename within one folder is atomic)."""
+    path = Path(path)
+    by_hand = f"download {url} by hand and save it as {path}"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=timeout) as response:
+            response.raise_for_status()
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            got, expected = digest.hexdigest()[:16], sha256[:16]
+            raise UserError(
+                f"the file from {url} is not tiny Shakespeare (sha256 {got}..., expected {expected}...); {by_hand}"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to us; a data file or checkpoint need not be
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
+        advice = f"check your connection, or {by_hand}"
+        raise UserError(f"could not download tiny Shakespeare from {url} ({reason}); {advice}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already when the rename happened
+
+
+def load_text(path=""):
+    """The training text: the file at `path` (--data), or tiny Shakespeare, downloaded on first use."""
+    given, path = bool(path), Path(path) if path else DEFAULT_DATA
+    if not given and not path.exists():
+        print(f"downloading tiny Shakespeare to {path}")
+        download(path)
+    if path.is_dir():
+        raise UserError(f"--data={path} is a folder; name a text file")
+    if not path.is_file():
+        raise UserError(f"--data={path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
+    if not text:
+        raise UserError(f"{path} is empty; train on a file with some text in it")
+    return text
+
+
+# ---- Checkpoint files: written whole or not at all, read without running foreign code.
 
 
 def save_checkpoint(path, state):
@@ -600,8 +596,8 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "config", "vocab", "step"} - set(ckpt)
     except Exception as e:
-        raise UserError(f"{path} is not a checkpoint that can be read ({type(e).__name__}): it is truncated, "
-                        f"damaged or foreign; delete it or train again") from None  # fmt: skip
+        damaged = "it is truncated, damaged or foreign; delete it or train again"
+        raise UserError(f"{path} is not a checkpoint that can be read ({type(e).__name__}): {damaged}") from None
     if missing:
         raise UserError(f"{path} is not a checkpoint of this program (no {', '.join(sorted(missing))})")
     return ckpt
@@ -626,17 +622,238 @@ def load_model_state(model, ckpt, path):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:150]  # the first mismatch, not all of them
-        raise UserError(f"{path} was saved by a model of another shape ({first}); use the settings it was "
-                        f"trained with, or another --out_dir") from None  # fmt: skip
+        advice = "use the settings it was trained with, or another --out_dir"
+        raise UserError(f"{path} was saved by a model of another shape ({first}); {advice}") from None
 
 
-def format_duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+# ---- Devices and precision.
+
+
+def resolve_device(name):
+    """auto -> cuda, else mps, else cpu; an explicit name must exist on this machine."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda, but this machine has no CUDA GPU; use --device=cpu (or leave it auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps, but Apple's MPS is not available here; use --device=cpu (or leave it auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name} is not supported; use auto, cpu, cuda or mps")
+    return device
+
+
+def resolve_dtype(name, device):
+    """Training precision: bfloat16 where the GPU has it (same range as float32, no loss scaling), float16
+    with a gradient scaler on older GPUs, float32 on CPU and Apple GPUs."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        # bfloat16 units came with compute capability 8.0 (A100); is_bf16_supported() also says yes to older
+        # cards that only emulate it, slowly
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if name != "float32" and device.type != "cuda":
+        raise UserError(f"--dtype={name} is for CUDA GPUs; use --dtype=float32 on {device.type}")
+    return getattr(torch, name)
+
+
+def precision(cfg, device):
+    """The training dtype, an autocast context that runs the matrix products in it (nothing in float32),
+    and a gradient scaler, which only acts for float16 (its range is too small for tiny gradients)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return dtype, autocast, scaler
+
+
+def synchronize(device):
+    """Wait for the device to finish its queued work, so that a clock measures work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def compile_model(raw_model, cfg, device, autocast, data, log):
+    """raw_model compiled by torch.compile if cfg says so (unset: on CUDA under Linux), and whether it is.
+
+    Compiling happens at the first call, so it is tried here, once, with one forward and one backward pass
+    on a batch of the training shape: step 0 then finds the training graph ready, and a machine where
+    compiling fails (no C compiler, no Triton) trains without it, with a warning. The trial draws its batch
+    from a generator of its own and restores the random state its dropout used: it changes no number."""
+    if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
+        return raw_model, False
+    model = torch.compile(raw_model)  # the model's Python becomes fused kernels
+    x, y = get_batch(data, cfg.batch_size, cfg.block_size, torch.Generator(data.device).manual_seed(0))
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with autocast:
+                _, loss = model(x, y)
+            loss.backward()
+    except Exception as e:
+        first_line = str(e).strip().partition("\n")[0][:120]
+        log(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); training without it")
+        return raw_model, False
+    finally:
+        raw_model.zero_grad(set_to_none=True)
+    return model, True
+
+
+# ---- Several processes: torchrun starts one per GPU; each trains on its share of every batch.
+
+
+def setup_distributed(device_name):
+    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group, one GPU per
+    process: NCCL between GPUs, gloo between CPU processes. A plain `python gpt.py` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return resolve_device(device_name), 0, 1
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+# ---- Setting up a run: one way to build it, for gpt.py and bench.py alike.
+
+
+class Run:
+    """A training run: settings, device, precision, data, model, optimizer and random states (ckpt's when
+    resuming). `model` is what training and evaluation call: `raw_model`, compiled if it is to be, and
+    wrapped in DDP with several processes; `raw_model` is the plain module, whose weights are saved."""
+
+    def __init__(self, cfg, device, make_model=GPT, ckpt=None, rank=0, world_size=1, check_prompt=True):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.master, self.out_dir = rank == 0, Path(cfg.out_dir)  # only rank 0 prints, writes files and samples
+        self.t_start = time.time() - (ckpt["elapsed_s"] if ckpt else 0.0)  # less the time of the runs it continues
+        # float32 matrix products on CUDA in TF32: several times faster, and precise enough to train
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.dtype, self.autocast, self.scaler = precision(cfg, device)
+        self.load_data(ckpt, check_prompt)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        self.raw_model = make_model(self.tokenizer.vocab_size, cfg).to(device)
+        self.optimizer = make_optimizer(self.raw_model, cfg, device.type)
+        # one generator for the batches, seeded alike everywhere: all processes draw the same global batch
+        self.batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
+        if ckpt:
+            self.restore(ckpt)
+        if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
+            torch.manual_seed(cfg.seed + rank)
+        self.model, self.compiled = compile_model(self.raw_model, cfg, device, self.autocast, self.train_data, self.log)
+        if world_size > 1:  # averages the gradients over the processes; the buffers (tril) never change: no sync
+            self.model = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+
+    def load_data(self, ckpt, check_prompt):
+        cfg = self.cfg
+        self.text = load_text(cfg.data)
+        self.tokenizer = CharTokenizer.from_text(self.text)
+        if ckpt and ckpt["vocab"] != self.tokenizer.chars:
+            advice = "resume on the same text, or train into another --out_dir"
+            raise UserError(f"the checkpoint in {cfg.out_dir}/ was trained on a text with another vocabulary; {advice}")
+        if check_prompt:  # the final sample starts with it: refuse a bad one now, not after training
+            encode_prompt(self.tokenizer, cfg.prompt)
+        # the whole corpus lives on the device (9 MB as int64 for tiny Shakespeare): batches never cross the bus
+        ids = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long, device=self.device)
+        self.train_data, self.val_data = split_data(ids)
+        if len(self.val_data) <= cfg.block_size:
+            why = f"since its last 10% (validation) needs at least {cfg.block_size + 1}"
+            too_few = f"{cfg.data or DEFAULT_DATA} has {len(self.text)} characters: too few for block_size"
+            raise UserError(f"{too_few} {cfg.block_size}, {why}; use a longer text or a smaller --block_size")
+
+    def restore(self, ckpt):
+        load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.batch_gen.set_state(ckpt["rng"]["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.start_step = self.evaluated_step = ckpt["step"]
+        self.best_val = ckpt["best_val"]
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+    def save(self, name, step):
+        """Everything needed to go on from `step`, saved as out_dir/name by rank 0."""
+        if not self.master:
+            return
+        rng = {"torch": torch.get_rng_state(), "batches": self.batch_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
+        state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars, "step": step, "best_val": self.best_val}
+        save_checkpoint(self.out_dir / name, state | {"elapsed_s": time.time() - self.t_start})
+
+    def interrupted(self, step, signum, progress):
+        """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by signum."""
+        progress.check_finite()  # never save a model that has already blown up
+        self.save("last.pt", step)
+        self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
+        return 128 + signum
+
+    def finish(self, losses):
+        """After the last step: the best model writes a sample, and a line sums the run up."""
+        if not self.master:
+            return 0
+        (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
+        if losses is None:  # resumed a finished run: nothing was evaluated in this one
+            splits = {"train": self.train_data, "val": self.val_data}
+            losses = estimate_loss(self.model, splits, self.cfg, self.batch_gen, self.autocast)
+        wall, cfg = time.time() - self.t_start, self.cfg
+        best = load_checkpoint(self.out_dir / "ckpt.pt")
+        self.raw_model.load_state_dict(best["model"])
+        print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
+        torch.manual_seed(cfg.seed)
+        prompt = cfg.prompt if set(cfg.prompt) <= self.tokenizer.stoi.keys() else self.text[0]  # no newline in text
+        print_sample(self.raw_model, self.tokenizer, prompt, 500, cfg.temperature, cfg.top_k, self.device)
+        summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
+        print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
+        return 0
+
+
+def setup(overrides, defaults=None, make_model=GPT):
+    """What train() needs before its first step: the settings (the checkpoint's, when resuming), the
+    processes, the run, and out_dir ready for it."""
+    cfg = replace(defaults or Config(), **overrides)
+    check_config(cfg)
+    ckpt = newest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if ckpt:  # the checkpoint's settings (model shape above all), then what the command line changes
+        cfg = config_from(ckpt, overrides)
+        check_config(cfg)
+    device, rank, world_size = setup_distributed(cfg.device)
+    run = Run(cfg, device, make_model, ckpt, rank, world_size, check_prompt="prompt" in overrides)
+    if run.master:
+        prepare_out_dir(run.out_dir, ckpt["step"] if ckpt else None)
+    return run
+
+
+def prepare_out_dir(out_dir, resumed_step):
+    """Make out_dir. A resumed run keeps the rows of metrics.jsonl up to its checkpoint (it redoes the
+    steps after it); a new run starts afresh, and removes an old run's last.pt, which --resume would take."""
+    metrics = out_dir / "metrics.jsonl"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = metrics.read_text().splitlines() if resumed_step is not None and metrics.exists() else []
+        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= resumed_step))
+        if resumed_step is None:
+            (out_dir / "last.pt").unlink(missing_ok=True)
+    except OSError as e:
+        advice = "name a folder you can write to"
+        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); {advice}") from None
+
+
+# ---- Interrupts: Ctrl-C or SIGTERM stops the loop after the current step, and it saves.
 
 
 class StopRequest:
@@ -656,240 +873,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def setup_distributed(device_name):
-    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group, one GPU per
-    process: NCCL between GPUs, gloo between CPU processes. A plain `python gpt.py` is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return resolve_device(device_name), 0, 1
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def train(overrides, defaults=None, make_model=GPT):
-    """Train a model; keep the best one in out_dir/ckpt.pt; print a sample from it at the end."""
-    cfg = replace(defaults or Config(), **overrides)
-    check_config(cfg)
-    out_dir = Path(cfg.out_dir)
-    ckpt = newest_checkpoint(out_dir) if cfg.resume else None
-    if ckpt:  # the checkpoint's settings (model shape above all), then what the command line changes
-        cfg = config_from(ckpt, overrides)
-        check_config(cfg)
-    device, rank, world_size = setup_distributed(cfg.device)
-    master = rank == 0  # only one process prints, writes files and samples
-    log = print if master else lambda *args, **kwargs: None
-    dtype, autocast, scaler, use_compile = fast_path(cfg, device)
-
-    text = load_text(cfg.data)
-    tokenizer = CharTokenizer.from_text(text)
-    if ckpt and ckpt["vocab"] != tokenizer.chars:
-        raise UserError(f"the checkpoint in {out_dir}/ was trained on a text with another vocabulary; resume "
-                        f"on the same text, or train into another --out_dir")  # fmt: skip
-    if "prompt" in overrides:  # the final sample starts with it: refuse a bad one now, not after training
-        encode_prompt(tokenizer, cfg.prompt)
-    # the whole corpus lives on the device (9 MB as int64 for tiny Shakespeare): batches never cross the bus
-    train_data, val_data = split_data(torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device))
-    if len(val_data) <= cfg.block_size:
-        raise UserError(f"{cfg.data or DEFAULT_DATA} has {len(text)} characters: too few for block_size "
-                        f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}; "
-                        f"use a longer text or a smaller --block_size")  # fmt: skip
-
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = raw_model = make_model(tokenizer.vocab_size, cfg).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device.type)
-    # one generator for the batches, seeded alike everywhere: all processes draw the same global batch
-    batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    start_step, best_val, elapsed_before = 0, float("inf"), 0.0
-    if ckpt:
-        load_model_state(raw_model, ckpt, f"the checkpoint in {out_dir}/")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        batch_gen.set_state(ckpt["rng"]["batches"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_step, best_val, elapsed_before = ckpt["step"], ckpt["best_val"], ckpt["elapsed_s"]
-    if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
-        torch.manual_seed(cfg.seed + rank)
-
-    if use_compile:  # compiles on the first call: the model's Python becomes fused GPU kernels
-        model = torch.compile(raw_model)
-    try:  # one forward pass, timed: as the model's first call, it also finds out whether compiling works
-        forward_s = seconds_per_forward(model, train_data, cfg, autocast, device)
-    except Exception as e:
-        if not use_compile:
-            raise
-        log(compile_failed(e))
-        use_compile, model = False, raw_model
-        forward_s = seconds_per_forward(model, train_data, cfg, autocast, device)
-    train_model = model
-    if world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(model)  # averages gradients across processes
-
-    accum = cfg.gradient_accumulation_steps
-    tokens_per_iter = cfg.batch_size * accum * world_size * cfg.block_size
-    flops_per_iter = flops_per_token(raw_model, cfg) * tokens_per_iter
-    peak = peak_flops(device, dtype)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"{n_params / 1e6:.2f}M parameters | device {device} | {str(dtype).removeprefix('torch.')}"
-        f" | compile {'on' if use_compile else 'off'} | {world_size} process(es)")  # fmt: skip
-    sequences = cfg.batch_size * accum * world_size  # the effective batch
-    log(f"batch {cfg.batch_size} x {accum} accumulation x {world_size} process(es) = {sequences} sequences"
-        f" of {cfg.block_size} = {tokens_per_iter:,} tokens per iteration")  # fmt: skip
-
-    metrics_path, last_path = out_dir / "metrics.jsonl", out_dir / "last.pt"
-    if master:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            rows = metrics_path.read_text().splitlines() if ckpt and metrics_path.exists() else []
-            rows = [r for r in rows if json.loads(r)["step"] <= start_step]  # what came after the checkpoint is redone
-            metrics_path.write_text("".join(r + "\n" for r in rows))
-            if not ckpt:
-                last_path.unlink(missing_ok=True)  # an old run's interrupt must not be resumed by mistake
-        except OSError as e:
-            raise UserError(
-                f"cannot write to --out_dir={out_dir} ({e.strerror or e}); name a folder you can write to"
-            ) from None
-
-    def checkpoint(step):
-        rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-                "vocab": tokenizer.chars, "step": step, "best_val": best_val, "rng": rng,
-                "elapsed_s": time.time() - t_start}  # fmt: skip
-
-    if master and not ckpt:  # a run of hours says so before it starts
-        projected = forward_s * (
-            3 * cfg.max_iters * accum + 2 * cfg.eval_iters * (cfg.max_iters // cfg.eval_interval + 1)
-        )  # a training step costs about 3 forward passes (the backward pass about 2), an evaluation 2 x eval_iters
-        if projected > 1800:
-            log(f"note: this run will take about {format_duration(projected)} on {device}; for a run of minutes "
-                f"on a CPU try: {CPU_RECIPE}", flush=True)  # fmt: skip
-
-    stop = StopRequest()
-    t_start = time.time() - elapsed_before
-    first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, kept on the device
-    t_last, step_last, losses = time.time(), start_step, None
-    ms_per_iter, eval_s = None, 0.0
-    try:
-        for step in range(start_step, cfg.max_iters + 1):
-            lr = get_lr(step, cfg)
-            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (ckpt and step == start_step):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # so that the clock measures the steps, not just their launch
-                if step > step_last:
-                    ms_per_iter = 1000 * (time.time() - t_last) / (step - step_last)
-                check_finite(first_bad, out_dir)
-                t_eval = time.time()
-                losses = estimate_loss(model, (train_data, val_data), cfg, batch_gen, autocast, rank, world_size)
-                eval_s = time.time() - t_eval
-                report = {"step": step, "train_loss": round(losses[0], 4), "val_loss": round(losses[1], 4),
-                          "lr": float(f"{lr:.6g}"), "elapsed_s": round(time.time() - t_start, 2),
-                          "ms_per_iter": ms_per_iter and round(ms_per_iter, 2)}  # fmt: skip
-                line = f"step {step}/{cfg.max_iters} | train {losses[0]:.4f} | val {losses[1]:.4f} | lr {lr:.1e}"
-                if ms_per_iter:
-                    tok_s = tokens_per_iter / (ms_per_iter / 1000)
-                    line += f" | {ms_per_iter:.1f} ms/it | {tok_s / 1000:.0f}k tok/s"
-                    if peak:
-                        line += f" | mfu {100 * flops_per_iter / (ms_per_iter / 1000) / peak:.0f}%"
-                    steps_left = cfg.max_iters - step
-                    eta = steps_left * ms_per_iter / 1000 + steps_left // cfg.eval_interval * eval_s
-                    line += f" | eta {format_duration(eta)}"
-                log(line, flush=True)
-                if master:
-                    append_metrics(metrics_path, report)
-                    if losses[1] < best_val:
-                        best_val = losses[1]
-                        save_checkpoint(out_dir / "ckpt.pt", checkpoint(step))
-                t_last, step_last = time.time(), step
-            if step == cfg.max_iters:
-                break
-            signum = stop_requested(stop, device, world_size)
-            if signum:
-                check_finite(first_bad, out_dir)  # never save a model that has already blown up
-                if master:
-                    save_checkpoint(last_path, checkpoint(step))
-                log(f"interrupted at step {step}: saved {last_path}; continue with --resume", flush=True)
-                return 128 + signum
-
-            x, y = get_batch(train_data, cfg.batch_size * accum * world_size, cfg.block_size, batch_gen)
-            # every process drew the same global batch; this one keeps its share: (accum, world, B, T)[:, rank]
-            x = x.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]
-            y = y.reshape(accum, world_size, cfg.batch_size, -1)[:, rank]
-            try:
-                loss = train_step(train_model, optimizer, scaler, x, y, lr, cfg.grad_clip, autocast)
-            except Exception as e:  # the backward pass is compiled on the first step, and may fail there
-                if not use_compile or step != start_step:
-                    raise
-                log(compile_failed(e))
-                use_compile, model = False, raw_model
-                train_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-                optimizer.zero_grad(set_to_none=True)
-                loss = train_step(train_model, optimizer, scaler, x, y, lr, cfg.grad_clip, autocast)
-            # noted on the device, read at the next evaluation: the loop never waits for the GPU between them
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            if step == start_step:  # the first step compiled the training graph: ms/it counts from the next one
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t_last, step_last = time.time(), step + 1
-
-    finally:
-        stop.restore()
-        if dist.is_initialized():  # under torchrun, even with one process
-            dist.destroy_process_group()
-
-    if master:
-        last_path.unlink(missing_ok=True)  # the run got past the interrupt it resumed from, if any
-        if losses is None:  # resumed a finished run: nothing was evaluated in this one
-            losses = estimate_loss(model, (train_data, val_data), cfg, batch_gen, autocast)
-        wall = time.time() - t_start
-        best = load_checkpoint(out_dir / "ckpt.pt")
-        raw_model.load_state_dict(best["model"])
-        print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
-        torch.manual_seed(cfg.seed)
-        prompt = cfg.prompt if set(cfg.prompt) <= tokenizer.stoi.keys() else text[0]  # a text without newlines
-        print_sample(raw_model, tokenizer, prompt, 500, cfg.temperature, cfg.top_k, device)
-        print(f"\nfinal: train {losses[0]:.4f} | val {losses[1]:.4f} | best val {best_val:.4f} | "
-              f"wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {out_dir / 'ckpt.pt'}")  # fmt: skip
-    return 0
-
-
-@torch.no_grad()
-def seconds_per_forward(model, data, cfg, autocast, device):
-    """The time of one forward pass over a batch as estimate_loss makes it, measured on the second pass.
-    The first one compiles the model for estimate_loss, which then finds it ready."""
-    model.eval()
-    x, y = get_batch(data, cfg.batch_size, cfg.block_size, torch.Generator(data.device).manual_seed(0))
-    for _ in range(2):
-        t = time.time()
-        with autocast:
-            model(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    model.train()
-    return time.time() - t
-
-
-def compile_failed(e):
-    """The warning for a machine where torch.compile does not work (no Triton, no C compiler, ...)."""
-    first_line = str(e).strip().partition("\n")[0][:120]
-    return f"warning: torch.compile failed ({type(e).__name__}: {first_line}); training without it"
-
-
-def check_finite(first_bad, out_dir):
-    step = first_bad.item()  # waits for the GPU: called only where the loop stops anyway (evaluation, a signal)
-    if step >= 0:
-        raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: a learning "
-                        f"rate too high (lower --learning_rate, keep --grad_clip on) or too little precision "
-                        f"(try --dtype=float32); the last good checkpoint in {out_dir}/ is kept")  # fmt: skip
-
-
 def stop_requested(stop, device, world_size):
     """The number of the signal that asked us to stop, or 0; with several processes, of one that any of
     them got, so that all stop at the same step. Only the handler writes stop.signum: a signal that comes
@@ -901,8 +884,155 @@ def stop_requested(stop, device, world_size):
     return int(flag.item())
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Sampling and main().
+# ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
+
+# A card's peak dense matrix throughput in TFLOP/s: (bfloat16/float16, float32 as TF32), for MFU.
+PEAK_TFLOPS = dict(H200=(989, 494), H100=(989, 494), A100=(312, 156), L40S=(362, 183), L4=(121, 60), A10=(125, 62))
+PEAK_TFLOPS |= {"H100 PCIe": (756, 378), "RTX 4090": (165, 83), "RTX 3090": (71, 36), "V100": (125, 15.7)}
+PEAK_TFLOPS |= {"T4": (65, 8.1)}
+
+
+def peak_flops(device, dtype):
+    """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)  # "NVIDIA H100 PCIe": the longest card name in it decides
+    card = max((card for card in PEAK_TFLOPS if card in name), key=len, default=None)
+    return card and 1e12 * PEAK_TFLOPS[card][dtype == torch.float32]
+
+
+def flops_per_token(model, cfg):
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV."""
+    return 6 * sum(p.numel() for p in model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def count_evaluations(cfg):
+    """A whole run's evaluations: at step 0, every eval_interval steps, and at max_iters if not one of those."""
+    return cfg.max_iters // cfg.eval_interval + 1 + (cfg.max_iters % cfg.eval_interval > 0)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """A run's reports. ms/it is the time per training step since the last evaluation, which it leaves
+    out (compiling happens before step 0); elapsed_s in metrics.jsonl counts everything. A loss that is
+    not finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
+
+    def __init__(self, run):
+        self.run, cfg, n = run, run.cfg, run.world_size
+        sequences = cfg.batch_size * cfg.gradient_accumulation_steps * n  # the effective batch
+        self.tokens_per_iter = sequences * cfg.block_size
+        self.flops_per_iter = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter
+        self.peak = peak_flops(run.device, run.dtype)
+        self.first_bad = torch.tensor(-1, device=run.device)  # the first step whose loss was not finite
+        self.losses, self.ms_per_iter, self.eval_s = None, None, 0.0
+        n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype)[len("torch.") :]
+        compiled = "on" if run.compiled else "off"
+        run.log(
+            f"{n_params / 1e6:.2f}M parameters | device {run.device} | {dtype} | compile {compiled} | {n} process(es)"
+        )
+        batch = f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {n} process(es)"
+        run.log(f"{batch} = {sequences} sequences of {cfg.block_size} = {self.tokens_per_iter:,} tokens per iteration")
+        if run.master and run.start_step == 0:
+            self.warn_if_long()
+        self.t_last, self.step_last = time.time(), run.start_step
+
+    @torch.no_grad()
+    def warn_if_long(self):
+        """A run of hours says so before it starts. One forward pass of a micro-batch is timed (the second
+        of two: the first warms up); a training step costs about 3 of them, an evaluation 2 x eval_iters."""
+        run, cfg, accum = self.run, self.run.cfg, self.run.cfg.gradient_accumulation_steps
+        x, y = get_batch(run.train_data, cfg.batch_size, cfg.block_size, torch.Generator(run.device).manual_seed(0))
+        run.model.eval()
+        for _ in range(2):
+            t = time.time()
+            with run.autocast:
+                run.model(x, y)
+            synchronize(run.device)
+        run.model.train()
+        projected = (time.time() - t) * accum * (3 * cfg.max_iters + 2 * cfg.eval_iters * count_evaluations(cfg))
+        if projected > 1800:
+            recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
+            run.log(
+                f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}", flush=True
+            )
+
+    def watch(self, step, loss):
+        """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+
+    def check_finite(self):
+        step = self.first_bad.item()  # waits for the GPU: called only where the loop stops anyway
+        if step >= 0:
+            causes = "a learning rate too high (lower --learning_rate, keep --grad_clip on) or too little precision"
+            kept = f"(try --dtype=float32); the last good checkpoint in {self.run.out_dir}/ is kept"
+            raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
+
+    def pause(self, step):
+        """Before an evaluation: the time per step since the last one, and a stop if a loss was not finite."""
+        synchronize(self.run.device)  # so that the clock measures the steps, not just their launch
+        if step > self.step_last:
+            self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
+        self.check_finite()
+        self.t_eval = time.time()
+
+    def report(self, step, losses, lr):
+        """After an evaluation: the progress line, and the same figures as a row of metrics.jsonl."""
+        run, cfg, ms = self.run, self.run.cfg, self.ms_per_iter
+        self.losses, self.eval_s = losses, time.time() - self.t_eval
+        line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
+        if ms:
+            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
+            if self.peak:
+                line += f" | mfu {100 * self.flops_per_iter / (ms / 1000) / self.peak:.0f}%"
+            left = cfg.max_iters - step
+            line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
+        run.log(line, flush=True)
+        if run.master:
+            row = {"step": step, "train_loss": round(losses["train"], 4), "val_loss": round(losses["val"], 4)}
+            row |= {"lr": float(f"{lr:.6g}"), "elapsed_s": round(time.time() - run.t_start, 2)}
+            append_metrics(run.out_dir / "metrics.jsonl", row | {"ms_per_iter": ms and round(ms, 2)})
+        self.t_last, self.step_last = time.time(), step
+
+
+# ---- Sampling with a KV cache, and the --sample command.
+
+
+class KVCache:
+    """The keys and values each attention layer computed for the positions sampled so far: a new character
+    costs one position, not a forward pass over the whole context. When the cache holds block_size
+    positions, the next character has no position left (the position embeddings are learned, and shifting
+    the window would change every cached key), so the cache is rebuilt from the newest block_size // 2
+    characters, at positions 0.. again. Cached and uncached sampling agree exactly while the text fits in
+    block_size; past that, the cached one sees between block_size // 2 and block_size characters."""
+
+    def __init__(self, block_size):
+        self.block_size, self.kv = block_size, {}  # kv: attention layer -> keys, values (B,nh,positions,hs)
+
+    def __len__(self):  # the positions held
+        return next(iter(self.kv.values()))[0].size(2) if self.kv else 0
+
+    def uncached(self, idx):
+        """What of idx (B,T) the model must see next: the newest character, or after a rebuild a window."""
+        if 0 < len(self) < self.block_size:
+            return idx[:, -1:]
+        keep = self.block_size if len(self) == 0 else max(1, self.block_size // 2)  # 1 when block_size is 1
+        self.kv.clear()
+        return idx[:, -keep:]
+
+    def extend(self, layer, k, v):
+        """layer's new keys and values (B,nh,T,hs) after those it had: (B,nh,Tk,hs)."""
+        if layer in self.kv:
+            k, v = torch.cat([self.kv[layer][0], k], dim=2), torch.cat([self.kv[layer][1], v], dim=2)
+        self.kv[layer] = (k, v)
+        return k, v
 
 
 def encode_prompt(tokenizer, prompt):
@@ -911,15 +1041,6 @@ def encode_prompt(tokenizer, prompt):
         return tokenizer.encode(prompt)
     except UserError as e:
         raise UserError(f"the prompt has {e}; use only characters of the training text") from None
-
-
-def print_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, device):
-    """Print the prompt, then each new character as soon as it is sampled."""
-    idx = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)  # (1,T)
-    print(prompt, end="", flush=True)
-    for idx_next in model.stream(idx, max_new_tokens, temperature, top_k):
-        print(tokenizer.decode(idx_next[0].tolist()), end="", flush=True)
-    print()
 
 
 def sample(overrides, defaults=None, make_model=GPT):
@@ -941,6 +1062,9 @@ def sample(overrides, defaults=None, make_model=GPT):
         if i < cfg.num_samples - 1:
             print("---")
     return 0
+
+
+# ---- main(): every side effect starts here, so that tests, notebooks, bigram.py and bench.py import freely.
 
 
 def main(argv=None, defaults=None, make_model=GPT):

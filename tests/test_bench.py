@@ -10,8 +10,14 @@ from conftest import ROOT, SERIAL_ENV, TINY, run_script
 
 import gpt
 
-POSITIVE = ["train_ms_per_iter", "train_tokens_per_s", "peak_mem_mb", "eval_ms_per_batch",
-            "sample_tokens_per_s_cached", "sample_tokens_per_s_uncached"]  # fmt: skip
+POSITIVE = [
+    "train_ms_per_iter",
+    "train_tokens_per_s",
+    "peak_mem_mb",
+    "eval_ms_per_batch",
+    "sample_tokens_per_s_cached",
+    "sample_tokens_per_s_uncached",
+]
 
 
 def load_bench():
@@ -58,18 +64,17 @@ def test_a_bad_flag_is_one_line_and_exit_1():
     assert r.returncode == 1
     assert r.stdout == ""
     assert r.stderr.startswith("error: unrecognized arguments: --stepz=3. Valid names: data block_size ")
-    assert r.stderr.endswith("(and bench.py's own: steps json)\n")
+    assert r.stderr.endswith(" num_samples steps json\n")  # gpt.py's names, then bench.py's own
     assert r.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps=0"], "--steps must be a whole number of at least 1, got '0'"),
-        (["--steps=2.5"], "--steps must be a whole number of at least 1, got '2.5'"),
-        (["--steps", "3"], "--steps needs a value: write --steps=N"),
-        (["--json="], "--json needs a value: write --json=PATH"),
-        (["--json={tmp}"], "--json={tmp} is a folder; name a file to write"),
+        (["--steps=0"], "--steps must be at least 1, got 0"),
+        (["--steps", "-2"], "--steps must be at least 1, got -2"),
+        (["--json="], "--json= is not a file name; name a file to write"),
+        (["--json={tmp}"], "--json={tmp} is not a file name; name a file to write"),
         (["--json={tmp}/no/b.json"], "--json={tmp}/no/b.json: the folder {tmp}/no does not exist"),
         (["--n_head=5"], "--n_embd (384) must be divisible by --n_head (5): each head gets n_embd // n_head channels"),
         (["--device=cpu", "--dtype=bfloat16"], "--dtype=bfloat16 is for CUDA GPUs; use --dtype=float32 on cpu"),
@@ -83,3 +88,12 @@ def test_bad_input_is_refused_before_any_work(args, message, tmp_path, capsys):
     assert captured.out == ""
     assert captured.err == f"error: {message.format(tmp=tmp_path)}\n"
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_its_own_flags_go_through_gpt_pys_parser(capsys):
+    bench = load_bench()
+    assert bench.main(["--steps=2.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --steps: invalid int value: '2.5'. Valid names: data ")
+    cfg = bench.parse_args(["--steps", "3", "--json=b.json", "--n_layer=2"])  # --name value works for them too
+    assert (cfg.steps, cfg.json, cfg.n_layer) == (3, "b.json", 2)

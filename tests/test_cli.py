@@ -179,9 +179,12 @@ def test_a_long_run_says_so_before_it_starts(corpus, tmp_path):
     """A billion steps of even the tiny model take days: one timed forward pass shows it, before step 0."""
     argv = [*TINY, "--max_iters=1000000000", f"--data={corpus}", f"--out_dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "gpt.py"), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(ROOT / "gpt.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, **SERIAL_ENV, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     try:
         lines = [proc.stdout.readline() for _ in range(3)]
         proc.send_signal(signal.SIGINT)
@@ -189,7 +192,9 @@ def test_a_long_run_says_so_before_it_starts(corpus, tmp_path):
     finally:
         proc.kill()
     note = lines[2]
-    assert note.startswith("note: this run will take about ") and note.rstrip().endswith(gpt.CPU_RECIPE)
+    assert note.startswith("note: this run will take about ") and note.rstrip().endswith(
+        gpt.command_line(gpt.CPU_RECIPE)
+    )
     days = re.search(r"about (\d+)d", note)
     assert days and int(days[1]) >= 1
 

@@ -117,8 +117,14 @@ class Run:
         port = free_port()
         jobs = {}
         for rank in range(self.world_size):
-            env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=self.world_size, LOCAL_WORLD_SIZE=self.world_size,
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+            env = dict(
+                RANK=rank,
+                LOCAL_RANK=rank,
+                WORLD_SIZE=self.world_size,
+                LOCAL_WORLD_SIZE=self.world_size,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
             jobs[f"{self.folder.name}/{rank}"] = {
                 "argv": self.args,
                 "env": {k: str(v) for k, v in env.items()} if self.world_size > 1 else {},
@@ -131,10 +137,23 @@ class Run:
         """Start `torchrun gpt.py args` on this machine alone; the rendezvous takes a free port on 127.0.0.1.
         The workers write to torchrun's stdout and stderr, and those go to stdout0 and stderr0."""
         with open(self.folder / "stdout0", "w") as out, open(self.folder / "stderr0", "w") as err:
-            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-backend=c10d",
-                        "--rdzv-endpoint=127.0.0.1:0", f"--nproc_per_node={self.world_size}"]  # fmt: skip
-            return subprocess.Popen([*torchrun, str(ROOT / "gpt.py"), *self.args], stdout=out, stderr=err,
-                                    text=True, env=child_env(), start_new_session=True)  # fmt: skip
+            torchrun = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=1",
+                "--rdzv-backend=c10d",
+                "--rdzv-endpoint=127.0.0.1:0",
+                f"--nproc_per_node={self.world_size}",
+            ]
+            return subprocess.Popen(
+                [*torchrun, str(ROOT / "gpt.py"), *self.args],
+                stdout=out,
+                stderr=err,
+                text=True,
+                env=child_env(),
+                start_new_session=True,
+            )
 
 
 class Forker:
@@ -142,9 +161,15 @@ class Forker:
 
     def __init__(self, folder):
         self.stderr = open(Path(folder) / "forker.stderr", "w")  # closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-c", FORKER, str(ROOT)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env(),
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FORKER, str(ROOT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=child_env(),
+            start_new_session=True,
+        )
         # its lines, read as they come (select() on the pipe would miss lines already read into a buffer)
         self.lines = queue.Queue()
         threading.Thread(target=self._read_lines, daemon=True).start()

@@ -1,6 +1,6 @@
 """KV-cache sampling (issue 4, part 3): while the text fits in block_size the cached path gives the uncached
 path's characters and logits; past it, every step is a plain forward pass over the window that the rebuild
-rule in GPT.stream's docstring names (the newest block_size // 2 characters, at positions 0..)."""
+rule in KVCache's docstring names (the newest block_size // 2 characters, at positions 0..)."""
 
 from dataclasses import replace
 
@@ -28,23 +28,30 @@ def make_model(fused=True, cfg=CFG, seed=0):
 
 
 def generate(model, idx, n, use_cache, temperature=1.0, seed=1):
-    """generate(), and for each model call the stream made: (positions fed, start_pos, last position's logits)."""
-    calls = []
+    """generate(), and for each model call the stream made: (positions fed, first position, last position's logits).
+    The first position is where the cache's positions end (0 without a cache), read before the call adds to it."""
+    calls, starts = [], []
+
+    def before(module, args, kwargs):
+        cache = kwargs.get("cache")
+        starts.append(len(cache) if cache is not None else 0)
 
     def record(module, args, kwargs, output):
-        calls.append((args[0].size(1), kwargs.get("start_pos", 0), output[0][:, -1].clone()))
+        calls.append((args[0].size(1), starts.pop(), output[0][:, -1].clone()))
 
-    handle = model.register_forward_hook(record, with_kwargs=True)
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True)]
+    handles.append(model.register_forward_hook(record, with_kwargs=True))
     try:
         torch.manual_seed(seed)
-        out = model.generate(idx, n, temperature=temperature, use_cache=use_cache)
+        out = gpt.generate(model, idx, n, temperature=temperature, use_cache=use_cache)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return out, calls
 
 
 def rule_windows(prompt_len, n, block_size):
-    """GPT.stream's rule: how many of the newest characters the cached path has seen at each of n steps."""
+    """KVCache's rule: how many of the newest characters the cached path has seen at each of n steps."""
     sizes, cached = [], 0
     for _ in range(n):
         if cached == 0:
@@ -165,14 +172,22 @@ def test_block_size_1():
         assert torch.equal(cached, uncached)
 
 
-def test_bigram_cached_equals_uncached_far_past_block_size():
+def test_the_same_sampler_serves_the_bigram_far_past_block_size():
+    """gpt.generate samples the bigram too: far past block_size, each character is drawn from the table's row
+    of the character before it, and only the last block_size characters are ever fed to the model. A bigram
+    has no KV cache, so use_cache changes nothing."""
     torch.manual_seed(0)
     model = bigram.BigramLanguageModel(VOCAB, CFG)
     torch.nn.init.normal_(model.token_embedding_table.weight)  # zeros at init: every sample would be uniform
     prompt = torch.tensor([[0], [6]])
     cached, cached_calls = generate(model, prompt, 3 * BS, use_cache=True)
     uncached, uncached_calls = generate(model, prompt, 3 * BS, use_cache=False)
-    assert torch.equal(cached, uncached)  # a bigram needs only the last character, so all of it agrees
-    for (_, _, a), (_, _, b) in zip(cached_calls, uncached_calls, strict=True):
-        assert torch.equal(a, b)
-    assert [t for t, _, _ in cached_calls].count(1) > 2 * BS  # and the cache fed it one character at a time
+    assert torch.equal(cached, uncached)
+    assert max(t for t, _, _ in cached_calls) == BS and len(cached_calls) == 3 * BS
+    torch.manual_seed(1)  # generate()'s seed above: the same draws, made by hand from the table
+    by_hand = prompt
+    with torch.no_grad():
+        for _ in range(3 * BS):
+            probs = torch.softmax(model.token_embedding_table.weight[by_hand[:, -1]], dim=-1)
+            by_hand = torch.cat([by_hand, torch.multinomial(probs, 1)], dim=1)
+    assert torch.equal(cached, by_hand)

@@ -73,7 +73,7 @@ def test_fused_and_manual_attention_agree_with_gradients(T):
 def test_generate_output_length_and_prompt_kept():
     model = make_model()
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    out = model.generate(idx, 10)
+    out = gpt.generate(model, idx, 10)
     assert out.shape == (2, 13)
     assert torch.equal(out[:, :3], idx)
     assert out.dtype == torch.long and out.min() >= 0 and out.max() < VOCAB
@@ -84,7 +84,7 @@ def test_generate_output_length_and_prompt_kept():
 def test_generate_far_past_block_size(use_cache):
     model = make_model()
     prompt = torch.randint(VOCAB, (1, 3 * CFG.block_size))  # a prompt longer than the context, too
-    out = model.generate(prompt, 5 * CFG.block_size, use_cache=use_cache)
+    out = gpt.generate(model, prompt, 5 * CFG.block_size, use_cache=use_cache)
     assert out.shape == (1, 8 * CFG.block_size)
     assert torch.equal(out[:, : prompt.size(1)], prompt)
 
@@ -93,11 +93,11 @@ def test_same_seed_same_text():
     model = make_model()
     idx = torch.zeros((1, 1), dtype=torch.long)
     torch.manual_seed(7)
-    a = model.generate(idx, 40)
+    a = gpt.generate(model, idx, 40)
     torch.manual_seed(7)
-    b = model.generate(idx, 40)
+    b = gpt.generate(model, idx, 40)
     torch.manual_seed(8)
-    c = model.generate(idx, 40)
+    c = gpt.generate(model, idx, 40)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -108,7 +108,7 @@ def test_generate_runs_in_eval_mode_and_restores_the_mode(training):
     model.train(training)
     seen = []
     model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(module.training))
-    model.generate(torch.zeros((1, 1), dtype=torch.long), 5)
+    gpt.generate(model, torch.zeros((1, 1), dtype=torch.long), 5)
     assert seen and not any(seen)  # no dropout while sampling
     assert all(m.training == training for m in model.modules())  # every submodule back as it was
 
@@ -118,7 +118,7 @@ def test_generate_ignores_dropout_even_in_train_mode():
     idx = torch.zeros((2, 1), dtype=torch.long)
     expected = greedy(model, idx, 12)  # eval mode
     model.train()
-    assert torch.equal(model.generate(idx, 12, temperature=0, use_cache=False), expected)
+    assert torch.equal(gpt.generate(model, idx, 12, temperature=0, use_cache=False), expected)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 5.0])
@@ -127,17 +127,19 @@ def test_top_k_1_is_greedy_argmax(temperature):
     idx = torch.randint(VOCAB, (2, 2), generator=torch.Generator().manual_seed(3))
     n = 3 * CFG.block_size  # well past the context, where the window slides
     expected = greedy(model, idx, n)
-    assert torch.equal(model.generate(idx, n, temperature=temperature, top_k=1, use_cache=False), expected)
+    assert torch.equal(gpt.generate(model, idx, n, temperature=temperature, top_k=1, use_cache=False), expected)
     # with the cache the context differs once it is full; up to block_size the two agree
     short = CFG.block_size - idx.size(1)
-    assert torch.equal(model.generate(idx, short, temperature=temperature, top_k=1), expected[:, : idx.size(1) + short])
+    assert torch.equal(
+        gpt.generate(model, idx, short, temperature=temperature, top_k=1), expected[:, : idx.size(1) + short]
+    )
 
 
 def test_temperature_0_is_greedy_argmax():
     model = make_model()
     idx = torch.randint(VOCAB, (2, 2), generator=torch.Generator().manual_seed(4))
     n = 3 * CFG.block_size
-    assert torch.equal(model.generate(idx, n, temperature=0, use_cache=False), greedy(model, idx, n))
+    assert torch.equal(gpt.generate(model, idx, n, temperature=0, use_cache=False), greedy(model, idx, n))
 
 
 def test_top_k_above_the_vocabulary_is_all_of_it():
@@ -146,14 +148,14 @@ def test_top_k_above_the_vocabulary_is_all_of_it():
     outs = []
     for top_k in (None, VOCAB, 10 * VOCAB):
         torch.manual_seed(11)
-        outs.append(model.generate(idx, 30, top_k=top_k))
+        outs.append(gpt.generate(model, idx, 30, top_k=top_k))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_top_k_samples_only_among_the_k_likeliest():
     model = make_model(seed=5)
     torch.manual_seed(5)
-    out = model.generate(torch.zeros((4, 1), dtype=torch.long), 2 * CFG.block_size, top_k=3, use_cache=False)
+    out = gpt.generate(model, torch.zeros((4, 1), dtype=torch.long), 2 * CFG.block_size, top_k=3, use_cache=False)
     with torch.no_grad():
         for t in range(1, out.size(1)):
             logits, _ = model(out[:, max(0, t - CFG.block_size) : t])

@@ -10,9 +10,11 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_cpu_recipe_in_readme_is_the_one_gpt_py_suggests():
-    assert gpt.CPU_RECIPE.startswith("python gpt.py") and "--device=cpu" in gpt.CPU_RECIPE
+    recipe = gpt.command_line(gpt.CPU_RECIPE)
+    assert recipe.startswith("python gpt.py --") and "--device=cpu" in recipe and "--out_dir=out-cpu" in recipe
+    assert gpt.replace(gpt.Config(), **gpt.parse_overrides(recipe.split()[2:])) == gpt.CPU_RECIPE  # it round-trips
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    assert any(gpt.CPU_RECIPE in block for block in blocks)
+    assert any(recipe in block for block in blocks)
 
 
 def test_ci_runs_the_readme_test_command():
