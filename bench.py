@@ -63,48 +63,12 @@ def peak_memory(device):
 
 
 def bench(cfg):
+    """Every figure, as one dict: the run is built as python gpt.py builds it, with random weights."""
     device = gpt.resolve_device(cfg.device)
-    run = gpt.Run(cfg, device)  # as python gpt.py builds it
-    steps = cfg.steps or (50 if device.type == "cuda" else 5)
-    warmup = 5 if device.type == "cuda" else 1  # cuBLAS heuristics, the caching allocator
-    prompt = torch.tensor([gpt.encode_prompt(run.tokenizer, cfg.prompt)], dtype=torch.long, device=device)  # (1,T)
+    run = gpt.Run(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-
-    def step():
-        x, y = gpt.get_share(run.train_data, cfg, run.batch_gen)  # (accum,B,T)
-        gpt.train_step(run.model, run.optimizer, run.scaler, x, y, cfg.learning_rate, cfg.grad_clip, run.autocast)
-
-    for _ in range(warmup):
-        step()
-    ms = torch.tensor([1000 * timed(device, step) for _ in range(steps)], dtype=torch.float64)
-    p10, median, p90 = ms.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    peak = gpt.peak_flops(device, run.dtype)
-    mfu = gpt.flops_per_token(run.raw_model, cfg) * tokens_per_iter / (median / 1000) / peak if peak else None
-
-    # evaluation as gpt.train runs it: eval_iters batches of each split, without gradients, under autocast
-    splits = {"train": run.train_data, "val": run.val_data}
-    gpt.estimate_loss(run.model, splits, replace(cfg, eval_iters=1), run.batch_gen, run.autocast)  # warm-up
-    timed_cfg = replace(cfg, eval_iters=steps)  # 2 * steps batches
-    eval_s = timed(device, lambda: gpt.estimate_loss(run.model, splits, timed_cfg, run.batch_gen, run.autocast))
-    eval_ms = 1000 * eval_s / (2 * steps)
-    mem_mb, mem_kind = peak_memory(device)
-    eval_run_s = gpt.count_evaluations(cfg) * 2 * cfg.eval_iters * eval_ms / 1000  # a whole run's evaluations
-    eval_share = eval_run_s / (eval_run_s + cfg.max_iters * median / 1000)
-
-    # sampling, with the uncompiled model and in float32, as gpt.py samples
-    def sample(n, use_cache):
-        torch.manual_seed(cfg.seed)
-        gpt.generate(run.raw_model, prompt, n, cfg.temperature, cfg.top_k, use_cache=use_cache)
-
-    n = cfg.max_new_tokens
-    for use_cache in (True, False):
-        sample(min(n, 10), use_cache)  # warm-up
-    cached = n / timed(device, lambda: sample(n, True))
-    uncached = n / timed(device, lambda: sample(n, False))
-
-    return {
+    result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
         "cpu_threads": torch.get_num_threads(),
@@ -114,6 +78,29 @@ def bench(cfg):
         "params": sum(p.numel() for p in run.raw_model.parameters()),
         "config": asdict(gpt.Config(**{k: v for k, v in asdict(cfg).items() if k not in ("steps", "json")})),
         "weights": "random",
+    }
+    result |= training(run, cfg.steps or (50 if device.type == "cuda" else 5))
+    result |= evaluation(run, result["steps"], result["train_ms_per_iter"])
+    result["peak_mem_mb"], result["peak_mem_kind"] = peak_memory(device)
+    return result | sampling(run)
+
+
+def training(run, steps):
+    """Training steps, timed one by one after an untimed warm-up (cuBLAS heuristics, the caching allocator)."""
+    cfg, warmup = run.cfg, 5 if run.device.type == "cuda" else 1
+    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
+
+    def step():
+        x, y = gpt.get_share(run.train_data, cfg, run.batch_gen)  # (accum,B,T)
+        gpt.train_step(run.model, run.optimizer, run.scaler, x, y, cfg.learning_rate, cfg.grad_clip, run.autocast)
+
+    for _ in range(warmup):
+        step()
+    ms = torch.tensor([1000 * timed(run.device, step) for _ in range(steps)], dtype=torch.float64)
+    p10, median, p90 = ms.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    peak = gpt.peak_flops(run.device, run.dtype)
+    mfu = gpt.flops_per_token(run.raw_model, cfg) * tokens_per_iter / (median / 1000) / peak if peak else None
+    return {
         "warmup_steps": warmup,
         "steps": steps,
         "tokens_per_iter": tokens_per_iter,
@@ -122,11 +109,37 @@ def bench(cfg):
         "train_ms_p90": p90,
         "train_tokens_per_s": tokens_per_iter / (median / 1000),
         "mfu": mfu,
-        "peak_mem_mb": mem_mb,
-        "peak_mem_kind": mem_kind,
-        "eval_ms_per_batch": eval_ms,
-        "eval_batches_timed": 2 * steps,
-        "eval_share_of_run": eval_share,
+    }
+
+
+def evaluation(run, steps, train_ms):
+    """Evaluation as gpt.train runs it (eval_iters batches of each split, without gradients, under autocast), and
+    its share of a whole run with these settings."""
+    cfg, splits = run.cfg, {"train": run.train_data, "val": run.val_data}
+    gpt.estimate_loss(run.model, splits, replace(cfg, eval_iters=1), run.batch_gen, run.autocast)  # warm-up
+    timed_cfg = replace(cfg, eval_iters=steps)  # 2 * steps batches
+    eval_s = timed(run.device, lambda: gpt.estimate_loss(run.model, splits, timed_cfg, run.batch_gen, run.autocast))
+    eval_ms = 1000 * eval_s / (2 * steps)
+    eval_run_s = gpt.count_evaluations(cfg) * 2 * cfg.eval_iters * eval_ms / 1000  # a whole run's evaluations
+    share = eval_run_s / (eval_run_s + cfg.max_iters * train_ms / 1000)
+    return {"eval_ms_per_batch": eval_ms, "eval_batches_timed": 2 * steps, "eval_share_of_run": share}
+
+
+def sampling(run):
+    """max_new_tokens characters after the prompt, with the KV cache and without: the uncompiled model in
+    float32, as gpt.py samples."""
+    cfg, n = run.cfg, run.cfg.max_new_tokens
+    prompt = torch.tensor([gpt.encode_prompt(run.tokenizer, cfg.prompt)], dtype=torch.long, device=run.device)
+
+    def sample(n, use_cache):
+        torch.manual_seed(cfg.seed)
+        gpt.generate(run.raw_model, prompt, n, cfg.temperature, cfg.top_k, use_cache=use_cache)
+
+    for use_cache in (True, False):
+        sample(min(n, 10), use_cache)  # warm-up
+    cached = n / timed(run.device, lambda: sample(n, True))
+    uncached = n / timed(run.device, lambda: sample(n, False))
+    return {
         "sample_new_tokens": n,
         "sample_tokens_per_s_cached": cached,
         "sample_tokens_per_s_uncached": uncached,

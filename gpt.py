@@ -30,6 +30,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
+try:
+    import fcntl  # locks out_dir for one training run
+except ImportError:  # Windows
+    fcntl = None
+
 # ====================================== PART 1, THE GPT ======================================
 
 # ---- 1. Hyperparameters: edit them here, or override any of them on the command line by name.
@@ -77,11 +82,23 @@ class Config:
 # The lecture's gpt.py, for comparison: batch_size=64 block_size=256 max_iters=5000 eval_interval=500
 # learning_rate=3e-4 (constant) eval_iters=200 n_embd=384 n_head=6 n_layer=6 dropout=0.2 -> val 1.48.
 
-# A run that fits a laptop: val 1.73 in about 2 minutes on two CPU cores (README: "What to expect").
-# command_line(CPU_RECIPE) spells it out as the command to type.
-CPU_RECIPE = replace(Config(), device="cpu", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
-CPU_RECIPE = replace(CPU_RECIPE, batch_size=16, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, eval_iters=20)
-CPU_RECIPE = replace(CPU_RECIPE, out_dir="out-cpu")
+# A run that fits a laptop: val 1.73 in about 2 minutes on two CPU cores (README: "What to expect"): a smaller
+# model, no dropout, a higher learning rate. command_line(CPU_RECIPE) spells it out as the command to type.
+CPU_RECIPE = replace(
+    Config(),
+    block_size=64,
+    batch_size=16,
+    n_embd=128,
+    n_head=4,
+    n_layer=4,
+    dropout=0.0,
+    max_iters=2000,
+    learning_rate=2e-3,
+    min_lr=2e-4,
+    eval_iters=20,
+    device="cpu",
+    out_dir="out-cpu",
+)
 
 # ---- 2. Data: the text (load_text, in Part 2, downloads tiny Shakespeare on first use), its characters as
 # integers, and random batches of windows.
@@ -293,27 +310,33 @@ def train_step(model, optimizer, scaler, x, y, lr, grad_clip, autocast):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1):
+def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1, stop=None):
     """The mean loss over eval_iters random batches of each split, with dropout off: {'train': .., 'val': ..}.
 
-    One batch's loss is noisy; an average over many is what we compare and plot. Each batch is a step's
-    batch as in training (get_share), so the generator moves on alike however the work is split; the
-    means are averaged over the processes."""
+    One batch's loss is noisy; an average over many is what we compare and plot. The batches are drawn as
+    training draws them (get_share), and the means are averaged over the processes. A Ctrl-C (stop.signum,
+    Part 2) abandons the estimate within a batch: it then returns None, and leaves the generator as it was."""
     model.eval()
-    out = {}
+    out, state = {}, generator.get_state()
     for split, data in splits.items():
         losses = torch.zeros(cfg.eval_iters, device=data.device)
         for i in range(cfg.eval_iters):
+            if stop is not None and stop.signum:
+                break
             x, y = get_share(data, cfg, generator, rank, world_size)  # (accum,B,T)
             with autocast:
                 losses[i] = sum(model(x[m], y[m])[1] for m in range(len(x))) / len(x)
         out[split] = losses.mean()
-    means = torch.stack(list(out.values()))
+    abandoned = torch.tensor(float(bool(stop is not None and stop.signum)), device=losses.device)
+    means = torch.stack([*out.values(), abandoned])  # the last entry says whether any process gave up
     if world_size > 1:
         dist.all_reduce(means)  # sum over the processes
         means /= world_size
     model.train()
-    return dict(zip(out, means.tolist(), strict=True))
+    if means[-1] > 0:
+        generator.set_state(state)
+        return None
+    return dict(zip(out, means.tolist(), strict=False))
 
 
 def train(overrides, defaults=None, make_model=GPT):
@@ -322,9 +345,9 @@ def train(overrides, defaults=None, make_model=GPT):
     run = setup(overrides, defaults, make_model)
     cfg, model = run.cfg, run.model
     splits = {"train": run.train_data, "val": run.val_data}
-    progress = Progress(run)  # ms/it, tok/s, MFU, ETA, metrics.jsonl, and a watch on the loss
-    stop = StopRequest()  # Ctrl-C or SIGTERM: stop after this step, and save
+    stop = StopRequest(quiet=not run.master)  # Ctrl-C or SIGTERM: stop after this step, and save
     try:
+        progress = Progress(run)  # ms/it, tok/s, MFU, ETA, metrics.jsonl, and a watch on the loss
         for step in range(run.start_step, cfg.max_iters + 1):
             # the learning rate: a linear warm-up, then a cosine decay
             lr = get_lr(step, cfg)
@@ -332,7 +355,10 @@ def train(overrides, defaults=None, make_model=GPT):
             # evaluate, report and keep the best model: every eval_interval steps, and at the end
             if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step > run.evaluated_step:
                 progress.pause(step)  # the clock stops for the evaluation; a loss gone NaN stops the run here
-                losses = estimate_loss(model, splits, cfg, run.batch_gen, run.autocast, run.rank, run.world_size)
+                losses = estimate_loss(model, splits, cfg, run.batch_gen, run.autocast, run.rank, run.world_size, stop)
+                if losses is None:  # a Ctrl-C abandoned it: save this step, to be evaluated when resumed
+                    return run.interrupted(step, stop_requested(stop, run.device, run.world_size), progress)
+                run.evaluated_step = step
                 progress.report(step, losses, lr)
                 if losses["val"] < run.best_val:
                     run.best_val = losses["val"]
@@ -351,11 +377,12 @@ def train(overrides, defaults=None, make_model=GPT):
             # one optimizer step
             loss = train_step(model, run.optimizer, run.scaler, x, y, lr, cfg.grad_clip, run.autocast)
             progress.watch(step, loss)
+        return run.finish(progress.losses, stop)
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory(cfg)) from None
     finally:
         stop.restore()
-        if dist.is_initialized():  # under torchrun, even with one process
-            dist.destroy_process_group()
-    return run.finish(progress.losses)
+        run.close()
 
 
 # ---- 5. Sampling: the model writes, one character at a time.
@@ -419,6 +446,11 @@ class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line, `error: ...`, and exits with 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage and exit 2; we want one line
+        raise UserError(f"{message}. Valid names: {' '.join(action.dest for action in self._actions)}")
+
+
 def _converter(kind):
     """argparse's converter for a field of this type; bool takes 1/0, true/false, yes/no, on/off, and a field
     that may be unset (int | None) also takes the word none."""
@@ -427,28 +459,20 @@ def _converter(kind):
     def convert(text):
         if text.lower() == "none" and base is not kind:
             return None
-        if base is bool and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text.lower() in ("1", "true", "yes", "on")
-        return base(text) if base is not bool else int("not a bool")  # the ValueError argparse reports
+        if base is not bool:
+            return base(text)
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(text)  # argparse reports it: "invalid bool value: 'maybe'"
+        return text.lower() in ("1", "true", "yes", "on")
 
     convert.__name__ = base.__name__  # argparse names it in its errors: "invalid int value: 'ten'"
     return convert
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, names):
-        super().__init__(allow_abbrev=False, add_help=False)
-        self.names = names
-
-    def error(self, message):  # argparse would print its usage and exit 2; we want one line
-        raise UserError(f"{message}. Valid names: {' '.join(self.names)}")
-
-
 def parse_overrides(argv, config_class=Config):
     """--name=value or --name value for every field of config_class; booleans also as a bare --name.
-
     Returns only the names given, so that a checkpoint's settings can fill in the rest."""
-    parser = _Parser([f.name for f in fields(config_class)])
+    parser = _Parser(allow_abbrev=False, add_help=False)
     for f in fields(config_class):
         flag = {"nargs": "?", "const": True} if f.type in (bool, bool | None) else {}  # a bare --resume: True
         parser.add_argument(f"--{f.name}", type=_converter(f.type), default=argparse.SUPPRESS, **flag)
@@ -458,18 +482,14 @@ def parse_overrides(argv, config_class=Config):
 def command_line(cfg, script="gpt.py"):
     """The command that runs cfg: `python gpt.py` and --name=value for every setting not at its default."""
     changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
-    return " ".join(
-        [f"python {script}"] + [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
-    )
-
-
-AT_LEAST_1 = ("batch_size", "block_size", "n_embd", "n_head", "n_layer", "max_iters", "eval_interval", "eval_iters")
-AT_LEAST_1 += ("gradient_accumulation_steps", "max_new_tokens", "num_samples")
+    flags = [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
+    return " ".join([f"python {script}", *flags])
 
 
 def check_config(cfg):
     """Refuse settings that cannot work, before anything is read or written."""
-    for name in AT_LEAST_1:
+    at_least_1 = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters"
+    for name in [*at_least_1.split(), "gradient_accumulation_steps", "max_new_tokens", "num_samples"]:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
@@ -498,49 +518,51 @@ def check_config(cfg):
         raise UserError(f"--out_dir={cfg.out_dir} is a file; name a folder (it is made if it does not exist)")
 
 
-# ---- The download: tiny Shakespeare, fetched on first use and checked, or the user's own text.
+# ---- Files: the download, checkpoints and metrics.jsonl, each written whole or not at all.
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path(__file__).with_name("input.txt")
 
 
-def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
-    """Fetch tiny Shakespeare into `path`, so that `path` is afterwards either whole and correct, or absent.
-
-    The bytes stream into a temporary file beside `path`, their sha256 is checked, and only then is the
-    file renamed into place (a rename within one folder is atomic)."""
-    path = Path(path)
-    by_hand = f"download {url} by hand and save it as {path}"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, flushed to the disk, then renamed over `path` (a rename
+    within a folder is atomic): a crash, a full disk or an error halfway leaves the old file whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=timeout) as response:
-            response.raise_for_status()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                f.write(chunk)
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            got, expected = digest.hexdigest()[:16], sha256[:16]
-            raise UserError(
-                f"the file from {url} is not tiny Shakespeare (sha256 {got}..., expected {expected}...); {by_hand}"
-            )
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private to us; a data file or checkpoint need not be
         os.replace(tmp, path)
-    except requests.RequestException as e:
-        reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
-        advice = f"check your connection, or {by_hand}"
-        raise UserError(f"could not download tiny Shakespeare from {url} ({reason}); {advice}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already when the rename happened
 
 
+def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
+    """Fetch tiny Shakespeare into `path` and check its sha256: afterwards `path` is whole and right, or absent."""
+    by_hand = f"download {url} by hand and save it as {path}"
+    try:
+        response = requests.get(url, timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        reason = f"HTTP {e.response.status_code}" if e.response is not None else type(e).__name__
+        advice = f"check your connection, or {by_hand}"
+        raise UserError(f"could not download tiny Shakespeare from {url} ({reason}); {advice}") from None
+    got = hashlib.sha256(response.content).hexdigest()
+    if got != sha256:
+        digests = f"sha256 {got[:16]}..., expected {sha256[:16]}..."
+        raise UserError(f"the file from {url} is not tiny Shakespeare ({digests}); {by_hand}")
+    write_atomically(Path(path), lambda f: f.write(response.content))
+
+
 def load_text(path=""):
     """The training text: the file at `path` (--data), or tiny Shakespeare, downloaded on first use."""
-    given, path = bool(path), Path(path) if path else DEFAULT_DATA
-    if not given and not path.exists():
-        print(f"downloading tiny Shakespeare to {path}")
-        download(path)
+    if not path and not DEFAULT_DATA.exists():
+        print(f"downloading tiny Shakespeare to {DEFAULT_DATA}")
+        download(DEFAULT_DATA)
+    path = Path(path or DEFAULT_DATA)
     if path.is_dir():
         raise UserError(f"--data={path} is a folder; name a text file")
     if not path.is_file():
@@ -555,35 +577,12 @@ def load_text(path=""):
     return text
 
 
-# ---- Checkpoint files: written whole or not at all, read without running foreign code.
-
-
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, flush it to the disk, then rename it over `path`:
-    a crash or a full disk halfway leaves the previous checkpoint whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private to us; a data file or checkpoint need not be
-        os.replace(tmp, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(path), lambda f: torch.save(state, f))
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is untouched") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def append_metrics(path, row):
-    """One line of JSON per evaluation, for plots and scripts."""
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the checkpoints beside it are kept") from None
 
 
 def load_checkpoint(path):
@@ -604,11 +603,25 @@ def load_checkpoint(path):
 
 
 def newest_checkpoint(out_dir):
-    """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along."""
-    found = [load_checkpoint(p) for p in (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt") if p.exists()]
+    """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along. A damaged
+    one is skipped with a warning while the other is whole; with neither whole, the first one's error."""
+    found, damaged = {}, []
+    for path in (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt"):
+        try:
+            found[path] = load_checkpoint(path) if path.exists() else None
+        except UserError as e:
+            damaged.append((path, e))
+    found = {path: ckpt for path, ckpt in found.items() if ckpt}
+    if damaged and not found:
+        raise damaged[0][1]
     if not found:
         raise UserError(f"--resume, but there is no checkpoint in {out_dir}/; train without --resume first")
-    return max(found, key=lambda ckpt: ckpt["step"])
+    newest = max(found, key=lambda path: found[path]["step"])
+    for path, _ in damaged:
+        print(f"warning: {path} is damaged and cannot be read; resuming from {newest} instead")
+        if path.name == "ckpt.pt":  # the next evaluation writes a whole one
+            found[newest]["best_val"] = float("inf")
+    return found[newest]
 
 
 def config_from(ckpt, overrides):
@@ -626,7 +639,53 @@ def load_model_state(model, ckpt, path):
         raise UserError(f"{path} was saved by a model of another shape ({first}); {advice}") from None
 
 
-# ---- Devices and precision.
+def prepare_out_dir(out_dir, resumed_step):
+    """Make out_dir and lock it for this run. A resumed run keeps the whole rows of metrics.jsonl up to its
+    checkpoint (it redoes the steps after it, and a crash may have cut the last row short); a new run starts
+    metrics.jsonl afresh and removes an old run's last.pt, which --resume would otherwise take up."""
+    metrics = out_dir / "metrics.jsonl"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_out_dir(out_dir)
+        rows, damaged = [], 0
+        resumed = resumed_step is not None and metrics.exists()
+        for line in metrics.read_text(errors="replace").splitlines() if resumed else []:
+            try:
+                if json.loads(line)["step"] <= resumed_step:
+                    rows.append(line)
+            except (ValueError, TypeError, KeyError):
+                damaged += 1
+        if damaged:
+            print(f"warning: dropped {damaged} damaged line(s) of {metrics}, as a crash while writing leaves them")
+        write_atomically(metrics, lambda f: f.write("".join(row + "\n" for row in rows).encode()))
+        if resumed_step is None:
+            (out_dir / "last.pt").unlink(missing_ok=True)
+    except OSError as e:
+        advice = "name a folder you can write to"
+        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); {advice}") from None
+    return lock
+
+
+def lock_out_dir(out_dir):
+    """One training run per out_dir: an exclusive lock on out_dir/train.lock, which holds the process id. The
+    operating system releases it when the process ends, however it ends (kill -9 too). Not on Windows."""
+    f = open(out_dir / "train.lock", "a+")  # kept open: closing it releases the lock
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        other = f.read().strip() or "unknown"
+        f.close()
+        advice = "wait for it to end or stop it, or train into another --out_dir"
+        raise UserError(f"--out_dir={out_dir} is in use by another training run (process {other}); {advice}") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+# ---- Devices, precision, compiling, and several processes (torchrun starts one per GPU).
 
 
 def resolve_device(name):
@@ -648,27 +707,17 @@ def resolve_device(name):
     return device
 
 
-def resolve_dtype(name, device):
-    """Training precision: bfloat16 where the GPU has it (same range as float32, no loss scaling), float16
-    with a gradient scaler on older GPUs, float32 on CPU and Apple GPUs."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        # bfloat16 units came with compute capability 8.0 (A100); is_bf16_supported() also says yes to older
-        # cards that only emulate it, slowly
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if name != "float32" and device.type != "cuda":
-        raise UserError(f"--dtype={name} is for CUDA GPUs; use --dtype=float32 on {device.type}")
-    return getattr(torch, name)
-
-
 def precision(cfg, device):
-    """The training dtype, an autocast context that runs the matrix products in it (nothing in float32),
-    and a gradient scaler, which only acts for float16 (its range is too small for tiny gradients)."""
-    dtype = resolve_dtype(cfg.dtype, device)
+    """The training dtype, an autocast context that runs the matrix products in it, and a gradient scaler.
+    auto: bfloat16 on CUDA cards that have it (compute capability 8.0 on; is_bf16_supported() also says yes to
+    older cards that only emulate it, slowly), float16 with the scaler on older ones, float32 elsewhere."""
+    if cfg.dtype not in ("auto", "float32") and device.type != "cuda":
+        raise UserError(f"--dtype={cfg.dtype} is for CUDA GPUs; use --dtype=float32 on {device.type}")
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.float32
+    if cfg.dtype == "auto" and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return dtype, autocast, scaler
+    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def synchronize(device):
@@ -680,12 +729,10 @@ def synchronize(device):
 
 
 def compile_model(raw_model, cfg, device, autocast, data, log):
-    """raw_model compiled by torch.compile if cfg says so (unset: on CUDA under Linux), and whether it is.
-
-    Compiling happens at the first call, so it is tried here, once, with one forward and one backward pass
-    on a batch of the training shape: step 0 then finds the training graph ready, and a machine where
-    compiling fails (no C compiler, no Triton) trains without it, with a warning. The trial draws its batch
-    from a generator of its own and restores the random state its dropout used: it changes no number."""
+    """raw_model compiled if cfg says so (unset: on CUDA under Linux), and whether it is. Compiling happens at
+    the first call, so it is tried here, once, with a forward and a backward pass on a batch of the training
+    shape: step 0 finds the graph ready, and where compiling fails (no C compiler, no Triton) training goes on
+    without it. The trial's batch comes from its own generator and fork_rng restores what its dropout drew."""
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
         return raw_model, False
     model = torch.compile(raw_model)  # the model's Python becomes fused kernels
@@ -704,23 +751,26 @@ def compile_model(raw_model, cfg, device, autocast, data, log):
     return model, True
 
 
-# ---- Several processes: torchrun starts one per GPU; each trains on its share of every batch.
-
-
 def setup_distributed(device_name):
     """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group, one GPU per
     process: NCCL between GPUs, gloo between CPU processes. A plain `python gpt.py` is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return resolve_device(device_name), 0, 1
-    local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return device, 0, 1
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def out_of_memory(cfg):
+    """What to do when the device runs out of memory, in the user's terms."""
+    keep = f"lower --batch_size ({cfg.batch_size}) and raise --gradient_accumulation_steps by the same factor"
+    smaller = f"lower --block_size ({cfg.block_size}) or --n_embd ({cfg.n_embd})"
+    return f"out of memory on the device: {keep} to keep the effective batch, or {smaller}; the checkpoints are kept"
 
 
 # ---- Setting up a run: one way to build it, for gpt.py and bench.py alike.
@@ -732,13 +782,26 @@ class Run:
     wrapped in DDP with several processes; `raw_model` is the plain module, whose weights are saved."""
 
     def __init__(self, cfg, device, make_model=GPT, ckpt=None, rank=0, world_size=1, check_prompt=True):
-        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.cfg, self.device, self.rank, self.world_size, self.lock = cfg, device, rank, world_size, None
         self.master, self.out_dir = rank == 0, Path(cfg.out_dir)  # only rank 0 prints, writes files and samples
         self.t_start = time.time() - (ckpt["elapsed_s"] if ckpt else 0.0)  # less the time of the runs it continues
         # float32 matrix products on CUDA in TF32: several times faster, and precise enough to train
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.dtype, self.autocast, self.scaler = precision(cfg, device)
-        self.load_data(ckpt, check_prompt)
+        self.text = load_text(cfg.data)
+        self.tokenizer = CharTokenizer.from_text(self.text)
+        if ckpt and ckpt["vocab"] != self.tokenizer.chars:
+            advice = "resume on the same text, or train into another --out_dir"
+            raise UserError(f"the checkpoint in {cfg.out_dir}/ was trained on a text with another vocabulary; {advice}")
+        if check_prompt:  # the final sample starts with it: refuse a bad one now, not after training
+            encode_prompt(self.tokenizer, cfg.prompt)
+        # the whole corpus lives on the device (9 MB as int64 for tiny Shakespeare): batches never cross the bus
+        ids = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long, device=device)
+        self.train_data, self.val_data = split_data(ids)
+        if len(self.val_data) <= cfg.block_size:
+            why = f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}"
+            too_few = f"{cfg.data or DEFAULT_DATA} has {len(self.text)} characters: too few for block_size {why}"
+            raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.raw_model = make_model(self.tokenizer.vocab_size, cfg).to(device)
         self.optimizer = make_optimizer(self.raw_model, cfg, device.type)
@@ -753,23 +816,6 @@ class Run:
         if world_size > 1:  # averages the gradients over the processes; the buffers (tril) never change: no sync
             self.model = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
 
-    def load_data(self, ckpt, check_prompt):
-        cfg = self.cfg
-        self.text = load_text(cfg.data)
-        self.tokenizer = CharTokenizer.from_text(self.text)
-        if ckpt and ckpt["vocab"] != self.tokenizer.chars:
-            advice = "resume on the same text, or train into another --out_dir"
-            raise UserError(f"the checkpoint in {cfg.out_dir}/ was trained on a text with another vocabulary; {advice}")
-        if check_prompt:  # the final sample starts with it: refuse a bad one now, not after training
-            encode_prompt(self.tokenizer, cfg.prompt)
-        # the whole corpus lives on the device (9 MB as int64 for tiny Shakespeare): batches never cross the bus
-        ids = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long, device=self.device)
-        self.train_data, self.val_data = split_data(ids)
-        if len(self.val_data) <= cfg.block_size:
-            why = f"since its last 10% (validation) needs at least {cfg.block_size + 1}"
-            too_few = f"{cfg.data or DEFAULT_DATA} has {len(self.text)} characters: too few for block_size"
-            raise UserError(f"{too_few} {cfg.block_size}, {why}; use a longer text or a smaller --block_size")
-
     def restore(self, ckpt):
         load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -777,8 +823,8 @@ class Run:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        self.start_step = self.evaluated_step = ckpt["step"]
-        self.best_val = ckpt["best_val"]
+        self.start_step, self.best_val = ckpt["step"], ckpt["best_val"]
+        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])  # behind the step if a Ctrl-C cut it short
 
     def log(self, *args, **kwargs):
         if self.master:
@@ -793,7 +839,8 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
         state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars, "step": step, "best_val": self.best_val}
-        save_checkpoint(self.out_dir / name, state | {"elapsed_s": time.time() - self.t_start})
+        state |= {"evaluated_step": self.evaluated_step, "elapsed_s": time.time() - self.t_start}
+        save_checkpoint(self.out_dir / name, state)
 
     def interrupted(self, step, signum, progress):
         """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by signum."""
@@ -802,15 +849,16 @@ class Run:
         self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
         return 128 + signum
 
-    def finish(self, losses):
-        """After the last step: the best model writes a sample, and a line sums the run up."""
+    def finish(self, losses, stop):
+        """After the last step: the best model writes a sample (a Ctrl-C now stops it at once), and a line sums
+        the run up."""
         if not self.master:
             return 0
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
         if losses is None:  # resumed a finished run: nothing was evaluated in this one
             splits = {"train": self.train_data, "val": self.val_data}
             losses = estimate_loss(self.model, splits, self.cfg, self.batch_gen, self.autocast)
-        wall, cfg = time.time() - self.t_start, self.cfg
+        wall, cfg, stop.at_once = time.time() - self.t_start, self.cfg, True
         best = load_checkpoint(self.out_dir / "ckpt.pt")
         self.raw_model.load_state_dict(best["model"])
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
@@ -821,10 +869,18 @@ class Run:
         print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
         return 0
 
+    def close(self):
+        """However the run ends: leave the process group, and unlock out_dir."""
+        if dist.is_initialized():  # under torchrun, even with one process
+            dist.destroy_process_group()
+        if self.lock:
+            (self.out_dir / "train.lock").unlink(missing_ok=True)
+            self.lock.close()  # the lock goes with it
+
 
 def setup(overrides, defaults=None, make_model=GPT):
     """What train() needs before its first step: the settings (the checkpoint's, when resuming), the
-    processes, the run, and out_dir ready for it."""
+    processes, the run, and out_dir, locked and ready for it."""
     cfg = replace(defaults or Config(), **overrides)
     check_config(cfg)
     ckpt = newest_checkpoint(cfg.out_dir) if cfg.resume else None
@@ -834,39 +890,29 @@ def setup(overrides, defaults=None, make_model=GPT):
     device, rank, world_size = setup_distributed(cfg.device)
     run = Run(cfg, device, make_model, ckpt, rank, world_size, check_prompt="prompt" in overrides)
     if run.master:
-        prepare_out_dir(run.out_dir, ckpt["step"] if ckpt else None)
+        run.lock = prepare_out_dir(run.out_dir, ckpt["step"] if ckpt else None)
     return run
 
 
-def prepare_out_dir(out_dir, resumed_step):
-    """Make out_dir. A resumed run keeps the rows of metrics.jsonl up to its checkpoint (it redoes the
-    steps after it); a new run starts afresh, and removes an old run's last.pt, which --resume would take."""
-    metrics = out_dir / "metrics.jsonl"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = metrics.read_text().splitlines() if resumed_step is not None and metrics.exists() else []
-        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= resumed_step))
-        if resumed_step is None:
-            (out_dir / "last.pt").unlink(missing_ok=True)
-    except OSError as e:
-        advice = "name a folder you can write to"
-        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); {advice}") from None
-
-
-# ---- Interrupts: Ctrl-C or SIGTERM stops the loop after the current step, and it saves.
+# ---- Interrupts: Ctrl-C or SIGTERM stops the run after the current step (or within an evaluation), and it saves.
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to save and stop after the current step; a second one
-    stops at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM is answered at once and asks the run to stop: training saves
+    last.pt after the current step, an evaluation is abandoned within a batch. A second one, or one while
+    nothing is left to save (at_once: the final sample), stops at once, with KeyboardInterrupt."""
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, quiet=False):
+        self.signum, self.quiet, self.at_once = 0, quiet, False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if self.signum or self.at_once:
+            raise KeyboardInterrupt(signum)
         self.signum = signum
-        self.restore()
+        if not self.quiet:  # os.write, not print: the signal may have come in the middle of a print
+            ack = "stopping: last.pt is saved after this step (an evaluation is cut short); Ctrl-C again stops at once"
+            os.write(2, f"\n{ack}\n".encode())
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -888,15 +934,18 @@ def stop_requested(stop, device, world_size):
 
 # A card's peak dense matrix throughput in TFLOP/s: (bfloat16/float16, float32 as TF32), for MFU.
 PEAK_TFLOPS = dict(H200=(989, 494), H100=(989, 494), A100=(312, 156), L40S=(362, 183), L4=(121, 60), A10=(125, 62))
-PEAK_TFLOPS |= {"H100 PCIe": (756, 378), "RTX 4090": (165, 83), "RTX 3090": (71, 36), "V100": (125, 15.7)}
-PEAK_TFLOPS |= {"T4": (65, 8.1)}
+PEAK_TFLOPS |= {
+    "H100 PCIe": (756, 378),
+    "RTX 4090": (165, 83),
+    "RTX 3090": (71, 36),
+    "V100": (125, 15.7),
+    "T4": (65, 8.1),
+}
 
 
 def peak_flops(device, dtype):
     """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)  # "NVIDIA H100 PCIe": the longest card name in it decides
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""  # the longest card name in it
     card = max((card for card in PEAK_TFLOPS if card in name), key=len, default=None)
     return card and 1e12 * PEAK_TFLOPS[card][dtype == torch.float32]
 
@@ -912,18 +961,16 @@ def count_evaluations(cfg):
 
 
 def format_duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class Progress:
-    """A run's reports. ms/it is the time per training step since the last evaluation, which it leaves
-    out (compiling happens before step 0); elapsed_s in metrics.jsonl counts everything. A loss that is
-    not finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
+    """A run's reports. ms/it is the time per training step since the last evaluation, which it leaves out
+    (compiling happens before step 0); elapsed_s in metrics.jsonl counts everything. A loss that is not
+    finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
 
     def __init__(self, run):
         self.run, cfg, n = run, run.cfg, run.world_size
@@ -933,13 +980,12 @@ class Progress:
         self.peak = peak_flops(run.device, run.dtype)
         self.first_bad = torch.tensor(-1, device=run.device)  # the first step whose loss was not finite
         self.losses, self.ms_per_iter, self.eval_s = None, None, 0.0
-        n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype)[len("torch.") :]
-        compiled = "on" if run.compiled else "off"
-        run.log(
-            f"{n_params / 1e6:.2f}M parameters | device {run.device} | {dtype} | compile {compiled} | {n} process(es)"
-        )
-        batch = f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {n} process(es)"
-        run.log(f"{batch} = {sequences} sequences of {cfg.block_size} = {self.tokens_per_iter:,} tokens per iteration")
+        n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype).removeprefix("torch.")
+        compiled, batch = "on" if run.compiled else "off", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}"
+        device = f"device {run.device} | {dtype} | compile {compiled}"
+        run.log(f"{n_params / 1e6:.2f}M parameters | {device} | {n} process(es)")
+        per_iter = f"{sequences} sequences of {cfg.block_size} = {self.tokens_per_iter:,} tokens per iteration"
+        run.log(f"batch {batch} accumulation x {n} process(es) = {per_iter}")
         if run.master and run.start_step == 0:
             self.warn_if_long()
         self.t_last, self.step_last = time.time(), run.start_step
@@ -960,9 +1006,8 @@ class Progress:
         projected = (time.time() - t) * accum * (3 * cfg.max_iters + 2 * cfg.eval_iters * count_evaluations(cfg))
         if projected > 1800:
             recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
-            run.log(
-                f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}", flush=True
-            )
+            note = f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}"
+            run.log(note, flush=True)
 
     def watch(self, step, loss):
         """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
@@ -990,15 +1035,23 @@ class Progress:
         line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
         if ms:
             line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
-            if self.peak:
-                line += f" | mfu {100 * self.flops_per_iter / (ms / 1000) / self.peak:.0f}%"
+            line += f" | mfu {100 * self.flops_per_iter / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
             left = cfg.max_iters - step
             line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
         run.log(line, flush=True)
-        if run.master:
-            row = {"step": step, "train_loss": round(losses["train"], 4), "val_loss": round(losses["val"], 4)}
-            row |= {"lr": float(f"{lr:.6g}"), "elapsed_s": round(time.time() - run.t_start, 2)}
-            append_metrics(run.out_dir / "metrics.jsonl", row | {"ms_per_iter": ms and round(ms, 2)})
+        row = {"step": step, "train_loss": round(losses["train"], 4), "val_loss": round(losses["val"], 4)}
+        row |= {
+            "lr": float(f"{lr:.6g}"),
+            "elapsed_s": round(time.time() - run.t_start, 2),
+            "ms_per_iter": ms and round(ms, 2),
+        }
+        try:
+            if run.master:  # one line of JSON per evaluation, for plots and scripts
+                with open(run.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            kept = "the checkpoints beside it are kept"
+            raise UserError(f"could not write {run.out_dir / 'metrics.jsonl'} ({e.strerror or e}); {kept}") from None
         self.t_last, self.step_last = time.time(), step
 
 
@@ -1071,15 +1124,17 @@ def main(argv=None, defaults=None, make_model=GPT):
     """python gpt.py [--name=value ...]: train, or with --sample write text. Returns the exit status."""
     try:
         overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
-        if overrides.get("sample"):
-            return sample(overrides, defaults, make_model)
-        return train(overrides, defaults, make_model)
+        return (sample if overrides.get("sample") else train)(overrides, defaults, make_model)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except torch.OutOfMemoryError:  # while setting up or sampling (training says it with its own settings)
+        print(f"error: {out_of_memory(replace(defaults or Config(), **overrides))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one while nothing was left to save
+        saved = "nothing new was saved, the checkpoints on disk are whole"
+        print(f"\ninterrupted: stopped at once; {saved}", file=sys.stderr)
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -226,12 +226,12 @@ class Forker:
         self.stderr.close()
 
 
-def interrupt_when_training(run, send_signal, deadline):
-    """Once rank 0 of run has printed its step 0 line, call send_signal(); note whether and when."""
+def interrupt_when_training(run, send_signal, deadline, after="step 0/"):
+    """Once rank 0 of run has printed a line that starts with `after`, call send_signal(); note whether and when."""
     run.signalled = False
     while not run.signalled and time.monotonic() < deadline:
         time.sleep(0.05)
-        run.signalled = any(line.startswith("step 0/") for line in run.stdout().splitlines())
+        run.signalled = any(line.startswith(after) for line in run.stdout().splitlines())
     send_signal()
     run.signalled_at = time.monotonic()
 
@@ -251,14 +251,22 @@ def runs(tmp_path_factory, corpus):
         "a2": Run(root / "a2", [*common, "--batch_size=4", f"--max_iters={MORE_STEPS}", "--resume"], world_size=2),
         "sig": Run(root / "sig", long_run, world_size=2),
         "torchrun_sig": Run(root / "torchrun_sig", long_run, world_size=2),
+        # an evaluation of 10^6 batches: Ctrl-C in a terminal sends SIGINT to every process
+        "eval_sig": Run(root / "eval_sig", [*long_run, "--eval_iters=1000000"], world_size=2),
     }
     deadline = time.monotonic() + TIMEOUT
     launchers = {name: runs[name].torchrun() for name in ("a", "torchrun_sig")}
     forker = Forker(root)
     try:
-        first = [runs[name] for name in ("b", "b9", "c", "sig")]
+        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig")]
         pids = forker.start(first, deadline)
         interrupt_when_training(runs["sig"], lambda: os.kill(pids["sig/1"], signal.SIGTERM), deadline)
+        ctrl_c = lambda: [os.kill(pids[f"eval_sig/{rank}"], signal.SIGINT) for rank in range(2)]
+        interrupt_when_training(runs["eval_sig"], ctrl_c, deadline, after="batch ")  # the evaluation of step 0 is next
+        if not forker.wait([runs["eval_sig"]], min(deadline, runs["eval_sig"].signalled_at + GRACE)):
+            for rank in range(2):
+                os.kill(pids[f"eval_sig/{rank}"], signal.SIGKILL)
+        runs["eval_sig"].seconds_to_stop = time.monotonic() - runs["eval_sig"].signalled_at
         interrupt_when_training(runs["torchrun_sig"], lambda: launchers["torchrun_sig"].terminate(), deadline)
         if not forker.wait([runs["sig"]], min(deadline, runs["sig"].signalled_at + GRACE)):
             for rank in range(2):  # they did not stop: the test says so, the others go on
@@ -403,6 +411,21 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(runs):
     assert [r["step"] for r in metrics(sig)] == [0]
     assert sig.stdout(rank=1) == ""
     assert sig.seconds_to_stop < GRACE
+
+
+def test_ctrl_c_cuts_the_evaluation_short_in_every_process(runs):
+    """Ctrl-C during an evaluation (here one of a million batches): every process gives it up, rank 0 saves
+    last.pt at that step, marked as not evaluated, and all exit with 130, long before the evaluation would end."""
+    run = runs["eval_sig"]
+    assert run.signalled, run.stdout() + run.stderr()
+    assert run.returncodes == [130, 130], run.stdout() + run.stderr(0) + run.stderr(1)
+    assert INTERRUPTED.findall(run.stdout()) == [("0", str(run.out_dir / "last.pt"))]
+    last = gpt.load_checkpoint(run.out_dir / "last.pt")
+    assert (last["step"], last["evaluated_step"]) == (0, -1)  # --resume evaluates step 0 again
+    assert files(run) == ["last.pt", "metrics.jsonl"] and metrics(run) == []
+    assert run.stdout(rank=1) == "" and "stopping: " not in run.stderr(1)  # rank 0 alone answers
+    assert "stopping: " in run.stderr(0)
+    assert run.seconds_to_stop < GRACE
 
 
 def test_sigterm_to_torchrun_stops_its_workers_and_saves_once(runs):

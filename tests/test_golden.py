@@ -52,3 +52,18 @@ def test_bigram_losses_are_unchanged(corpus, tmp_path):
     argv += ["--eval_iters=5"]
     assert bigram.main(argv) == 0
     assert losses(tmp_path) == BIGRAM_LOSSES
+
+
+@pytest.mark.parametrize(("max_iters", "eval_interval"), [(24, 5), (25, 5), (1, 1), (1, 500), (5000, 500), (7, 3)])
+def test_count_evaluations_counts_every_evaluation_of_a_run(max_iters, eval_interval):
+    """The runtime note and bench.py count a run's evaluations with one helper; it counts the last one too when
+    max_iters is not a multiple of eval_interval (the note once left it out)."""
+    cfg = gpt.Config(max_iters=max_iters, eval_interval=eval_interval)
+    loop = [step for step in range(max_iters + 1) if step % eval_interval == 0 or step == max_iters]
+    assert gpt.count_evaluations(cfg) == len(loop)
+
+
+def test_the_golden_run_evaluated_as_often_as_counted(corpus, tmp_path):
+    assert gpt.main([*SETTINGS, f"--data={corpus}", f"--out_dir={tmp_path}"]) == 0
+    cfg = gpt.Config(**gpt.load_checkpoint(tmp_path / "ckpt.pt")["config"])
+    assert len(losses(tmp_path)) == gpt.count_evaluations(cfg) == 6
