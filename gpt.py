@@ -316,6 +316,8 @@ def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1,
     One batch's loss is noisy; an average over many is what we compare and plot. The batches are drawn as
     training draws them (get_share), and the means are averaged over the processes. A Ctrl-C (stop.signum,
     Part 2) abandons the estimate within a batch: it then returns None, and leaves the generator as it was."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # no gradients to average: the model inside it,
+        model = model.module  # whose forward passes never wait for the other processes
     model.eval()
     out, state = {}, generator.get_state()
     for split, data in splits.items():
@@ -820,11 +822,8 @@ class Run:
         if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
             torch.manual_seed(cfg.seed + rank)
         self.model, self.compiled = compile_model(self.raw_model, cfg, device, self.autocast, self.train_data, self.log)
-        if world_size > 1:  # averages the gradients over the processes; tril never changes: no buffer syncs
-            try:  # (a buffer sync before an evaluation's first batch would hang one cut short by Ctrl-C)
-                self.model = nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False)
-            except TypeError:  # PyTorch before 2.13
-                self.model = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+        if world_size > 1:  # averages the gradients over the processes after each backward pass
+            self.model = nn.parallel.DistributedDataParallel(self.model)
 
     def restore(self, ckpt):
         load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
@@ -1003,13 +1002,14 @@ class Progress:
         of two: the first warms up); a training step costs about 3 of them, an evaluation 2 x eval_iters."""
         run, cfg, accum = self.run, self.run.cfg, self.run.cfg.gradient_accumulation_steps
         x, y = get_batch(run.train_data, cfg.batch_size, cfg.block_size, torch.Generator(run.device).manual_seed(0))
-        run.model.eval()
+        model = run.model.module if run.world_size > 1 else run.model  # rank 0 alone: not through DDP's wrapper
+        model.eval()
         for _ in range(2):
             t = time.time()
             with run.autocast:
-                run.model(x, y)
+                model(x, y)
             synchronize(run.device)
-        run.model.train()
+        model.train()
         projected = (time.time() - t) * accum * (3 * cfg.max_iters + 2 * cfg.eval_iters * count_evaluations(cfg))
         if projected > 1800:
             recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"

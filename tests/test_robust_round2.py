@@ -167,17 +167,25 @@ def resume(capsys, corpus, out_dir, *args):
 
 
 def test_damaged_lines_of_metrics_jsonl_are_dropped_with_a_warning(out, corpus, capsys):
+    resumed_step = max(gpt.load_checkpoint(out / name)["step"] for name in ("last.pt", "ckpt.pt"))
     good = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in good] == [0, 5]
-    damaged = [good[0], "\x00\x00garbage", good[1], '{"step": 10, "train_lo']  # a cut-off last line, as a crash leaves
+    assert len(good) >= 2 and json.loads(good[-1])["step"] <= resumed_step
+    damaged = [
+        good[0],
+        "\x00\x00garbage",
+        *good[1:],
+        '{"step": 99, "train_lo',
+    ]  # a cut-off last line, as a crash leaves
     (out / "metrics.jsonl").write_text("\n".join(damaged))
-    status, stdout, _ = resume(capsys, corpus, out, "--max_iters=10")
+    status, stdout, _ = resume(capsys, corpus, out, "--max_iters=60")
     assert status == 0
     warnings = [line for line in stdout.splitlines() if line.startswith("warning:")]
     expected = f"warning: dropped 2 damaged line(s) of {out / 'metrics.jsonl'}, as a crash while writing leaves them"
     assert warnings == [expected]
-    assert [r["step"] for r in rows(out)] == [0, 5, 10]
-    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == good
+    kept = (out / "metrics.jsonl").read_text().splitlines()
+    assert kept[: len(good)] == good  # the whole lines, as they were
+    steps = [r["step"] for r in rows(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # and the run went on after them
 
 
 @pytest.mark.parametrize("damaged", ["last.pt", "ckpt.pt"])
@@ -185,14 +193,14 @@ def test_resume_goes_on_from_the_whole_checkpoint(damaged, out, corpus, capsys):
     whole = "ckpt.pt" if damaged == "last.pt" else "last.pt"
     ckpt = gpt.load_checkpoint(out / whole)
     # TINY evaluates every 10 steps: the first evaluation is the first multiple of 10 not yet evaluated
-    first = next(s for s in range(ckpt["step"], 21) if s % 10 == 0 and s > ckpt.get("evaluated_step", ckpt["step"]))
+    first = next(s for s in range(ckpt["step"], 61) if s % 10 == 0 and s > ckpt.get("evaluated_step", ckpt["step"]))
     (out / damaged).write_bytes((out / damaged).read_bytes()[:1000])  # cut short, as a full disk would
-    status, stdout, _ = resume(capsys, corpus, out, "--max_iters=20")
+    status, stdout, _ = resume(capsys, corpus, out, "--max_iters=60")
     assert status == 0
     warning = f"warning: {out / damaged} is damaged and cannot be read; resuming from {out / whole} instead"
     assert [line for line in stdout.splitlines() if line.startswith("warning:")] == [warning]
     steps = [int(s) for s in re.findall(r"^step (\d+)/", stdout, re.M)]
-    assert steps == list(range(first, 21, 10))  # on from the whole checkpoint, its own step not evaluated again
+    assert steps == list(range(first, 61, 10))  # on from the whole checkpoint, its own step not evaluated again
     assert gpt.load_checkpoint(out / "ckpt.pt")["step"] > 0  # a whole ckpt.pt again
     assert "final: " in stdout
 
