@@ -894,6 +894,9 @@ def setup(overrides, defaults=None, make_model=GPT):
         cfg = config_from(ckpt, overrides)
         check_config(cfg)
     device, rank, world_size = setup_distributed(cfg.device)
+    if rank == 0 and (Path(cfg.out_dir) / "train.lock").exists():  # in use? say so now, not after compiling
+        with contextlib.suppress(OSError):  # a folder we cannot write to is refused below, with its own error
+            lock_out_dir(Path(cfg.out_dir)).close()
     run = Run(cfg, device, make_model, ckpt, rank, world_size, check_prompt="prompt" in overrides)
     if run.master:
         run.lock = prepare_out_dir(run.out_dir, ckpt["step"] if ckpt else None)
