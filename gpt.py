@@ -329,8 +329,8 @@ def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1,
             with autocast:
                 losses[i] = sum(model(x[m], y[m])[1] for m in range(len(x))) / len(x)
         out[split] = losses.mean()
-    abandoned = torch.tensor(float(bool(stop is not None and stop.signum)), device=losses.device)
-    means = torch.stack([*out.values(), abandoned])  # the last entry says whether any process gave up
+    gave_up = float(stop is not None and stop.signum > 0)  # 1.0 if a Ctrl-C cut this process's estimate short
+    means = torch.stack([*out.values(), torch.tensor(gave_up, device=losses.device)])  # and whether any gave up
     if world_size > 1:
         dist.all_reduce(means)  # sum over the processes
         means /= world_size
@@ -867,7 +867,8 @@ class Run:
         if losses is None:  # resumed a finished run: nothing was evaluated in this one
             splits = {"train": self.train_data, "val": self.val_data}
             losses = estimate_loss(self.model, splits, self.cfg, self.batch_gen, self.autocast)
-        wall, cfg, stop.at_once = time.time() - self.t_start, self.cfg, True
+        wall, cfg = time.time() - self.t_start, self.cfg
+        stop.at_once = True  # nothing is left to save: a Ctrl-C from here on stops the sample at once
         best = load_checkpoint(self.out_dir / "ckpt.pt")
         self.raw_model.load_state_dict(best["model"])
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
