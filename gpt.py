@@ -37,9 +37,8 @@ except ImportError:  # Windows
 
 # ====================================== PART 1, THE GPT ======================================
 
+
 # ---- 1. Hyperparameters: edit them here, or override any of them on the command line by name.
-
-
 @dataclass
 class Config:
     # data
@@ -84,26 +83,13 @@ class Config:
 
 # A run that fits a laptop: val 1.73 in about 2 minutes on two CPU cores (README: "What to expect"): a smaller
 # model, no dropout, a higher learning rate. command_line(CPU_RECIPE) spells it out as the command to type.
-CPU_RECIPE = replace(
-    Config(),
-    block_size=64,
-    batch_size=16,
-    n_embd=128,
-    n_head=4,
-    n_layer=4,
-    dropout=0.0,
-    max_iters=2000,
-    learning_rate=2e-3,
-    min_lr=2e-4,
-    eval_iters=20,
-    device="cpu",
-    out_dir="out-cpu",
-)
+CPU_RECIPE = replace(Config(), block_size=64, batch_size=16, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
+CPU_RECIPE = replace(CPU_RECIPE, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, eval_iters=20, device="cpu")
+CPU_RECIPE = replace(CPU_RECIPE, out_dir="out-cpu")  # its own folder: it does not resume the default run
+
 
 # ---- 2. Data: the text (load_text, in Part 2, downloads tiny Shakespeare on first use), its characters as
 # integers, and random batches of windows.
-
-
 class CharTokenizer:
     """Characters <-> integers. The vocabulary is the sorted set of characters in the text (65 for tiny
     Shakespeare); it is saved with every checkpoint, since the model only knows these integers."""
@@ -156,8 +142,6 @@ def get_share(data, cfg, generator, rank=0, world_size=1):
 
 
 # ---- 3. The model.
-
-
 class CausalSelfAttention(nn.Module):
     """Every position asks a question (query), offers a description of itself (key) and a message
     (value); it then takes in the messages of the positions at or before it, weighted by how well its
@@ -268,8 +252,6 @@ class GPT(nn.Module):
 
 
 # ---- 4. Training.
-
-
 def get_lr(step, cfg):
     """Linear warm-up to learning_rate, then half a cosine down to min_lr at max_iters."""
     if step < cfg.warmup_iters:
@@ -390,8 +372,6 @@ def train(overrides, defaults=None, make_model=GPT):
 
 
 # ---- 5. Sampling: the model writes, one character at a time.
-
-
 def sample_next(logits, temperature=1.0, top_k=None):
     """The next characters (B,1), drawn from the logits (B,vocab_size) of each sequence's last position."""
     if temperature == 0:
@@ -443,9 +423,8 @@ def print_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, d
 # A first read can stop here: the GPT and its training are all above. What follows makes them run first time
 # on any machine, and lose nothing.
 
+
 # ---- The command line: --name=value for every field of Config, checked before anything is read or written.
-
-
 class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line, `error: ...`, and exits with 1."""
 
@@ -523,7 +502,6 @@ def check_config(cfg):
 
 
 # ---- Files: the download, checkpoints and metrics.jsonl, each written whole or not at all.
-
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path(__file__).with_name("input.txt")
@@ -610,12 +588,11 @@ def newest_checkpoint(out_dir):
     """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along. A damaged
     one is skipped with a warning while the other is whole; with neither whole, the first one's error."""
     found, damaged = {}, []
-    for path in (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt"):
+    for path in (path for path in (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt") if path.exists()):
         try:
-            found[path] = load_checkpoint(path) if path.exists() else None
+            found[path] = load_checkpoint(path)
         except UserError as e:
             damaged.append((path, e))
-    found = {path: ckpt for path, ckpt in found.items() if ckpt}
     if damaged and not found:
         raise damaged[0][1]
     if not found:
@@ -644,14 +621,12 @@ def load_model_state(model, ckpt, path):
 
 
 def prepare_out_dir(out_dir, resumed_step):
-    """Make out_dir and lock it for this run. A resumed run keeps the whole rows of metrics.jsonl up to its
-    checkpoint (it redoes the steps after it, and a crash may have cut the last row short); a new run starts
-    metrics.jsonl afresh and removes an old run's last.pt, which --resume would otherwise take up."""
+    """Make out_dir and lock it. A resumed run keeps the whole rows of metrics.jsonl up to its step (it redoes the
+    rest; a crash may cut a row short); a new run starts it afresh and removes an old run's last.pt."""
     metrics = out_dir / "metrics.jsonl"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_out_dir(out_dir)
-        rows, damaged = [], 0
+        lock, rows, damaged = lock_out_dir(out_dir), [], 0
         resumed = resumed_step is not None and metrics.exists()
         for line in metrics.read_text(errors="replace").splitlines() if resumed else []:
             try:
@@ -684,14 +659,11 @@ def lock_out_dir(out_dir):
         advice = "wait for it to end or stop it, or train into another --out_dir"
         raise UserError(f"--out_dir={out_dir} is in use by another training run (process {other}); {advice}") from None
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    print(os.getpid(), file=f, flush=True)
     return f
 
 
 # ---- Devices, precision, compiling, and several processes (torchrun starts one per GPU).
-
-
 def resolve_device(name):
     """auto -> cuda, else mps, else cpu; an explicit name must exist on this machine."""
     if name == "auto":
@@ -712,9 +684,9 @@ def resolve_device(name):
 
 
 def precision(cfg, device):
-    """The training dtype, an autocast context that runs the matrix products in it, and a gradient scaler.
-    auto: bfloat16 on CUDA cards that have it (compute capability 8.0 on; is_bf16_supported() also says yes to
-    older cards that only emulate it, slowly), float16 with the scaler on older ones, float32 elsewhere."""
+    """The training dtype, an autocast context that runs the matrix products in it, and a gradient scaler. auto:
+    bfloat16 on CUDA cards of compute capability 8.0 on (is_bf16_supported() says yes to older cards that only
+    emulate it, slowly), float16 with the scaler on older ones, float32 elsewhere."""
     if cfg.dtype not in ("auto", "float32") and device.type != "cuda":
         raise UserError(f"--dtype={cfg.dtype} is for CUDA GPUs; use --dtype=float32 on {device.type}")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.float32
@@ -726,17 +698,15 @@ def precision(cfg, device):
 
 def synchronize(device):
     """Wait for the device to finish its queued work, so that a clock measures work, not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def compile_model(raw_model, cfg, device, autocast, data, log):
-    """raw_model compiled if cfg says so (unset: on CUDA under Linux), and whether it is. Compiling happens at
-    the first call, so it is tried here, once, with a forward and a backward pass on a batch of the training
-    shape: step 0 finds the graph ready, and where compiling fails (no C compiler, no Triton) training goes on
-    without it. The trial's batch comes from its own generator and fork_rng restores what its dropout drew."""
+    """raw_model compiled if cfg says so (unset: on CUDA under Linux), and whether it is. Compiling happens at the
+    first call, so it is tried here, once, forward and backward on a batch of the training shape: step 0 finds
+    the graph ready, and where compiling fails (no C compiler, no Triton) training goes on without it. The
+    trial's batch comes from its own generator, and fork_rng restores what its dropout drew."""
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
         return raw_model, False
     model = torch.compile(raw_model)  # the model's Python becomes fused kernels
@@ -783,8 +753,6 @@ def out_of_memory(cfg):
 
 
 # ---- Setting up a run: one way to build it, for gpt.py and bench.py alike.
-
-
 class Run:
     """A training run: settings, device, precision, data, model, optimizer and random states (ckpt's when
     resuming). `model` is what training and evaluation call: `raw_model`, compiled if it is to be, and
@@ -859,8 +827,7 @@ class Run:
         return 128 + signum
 
     def finish(self, losses, stop):
-        """After the last step: the best model writes a sample (a Ctrl-C now stops it at once), and a line sums
-        the run up."""
+        """After the last step: the best model writes a sample (a Ctrl-C now stops it at once); a line sums up."""
         if not self.master:
             return 0
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
@@ -905,8 +872,6 @@ def setup(overrides, defaults=None, make_model=GPT):
 
 
 # ---- Interrupts: Ctrl-C or SIGTERM stops the run after the current step (or within an evaluation), and it saves.
-
-
 class StopRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM is answered at once and asks the run to stop: training saves
     last.pt after the current step, an evaluation is abandoned within a batch. A second one, or one while
@@ -941,16 +906,10 @@ def stop_requested(stop, device, world_size):
 
 
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
-
 # A card's peak dense matrix throughput in TFLOP/s: (bfloat16/float16, float32 as TF32), for MFU.
-PEAK_TFLOPS = dict(H200=(989, 494), H100=(989, 494), A100=(312, 156), L40S=(362, 183), L4=(121, 60), A10=(125, 62))
-PEAK_TFLOPS |= {
-    "H100 PCIe": (756, 378),
-    "RTX 4090": (165, 83),
-    "RTX 3090": (71, 36),
-    "V100": (125, 15.7),
-    "T4": (65, 8.1),
-}
+PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "H100 PCIe": (756, 378), "A100": (312, 156)}
+PEAK_TFLOPS |= {"L40S": (362, 183), "L4": (121, 60), "A10": (125, 62), "RTX 4090": (165, 83)}
+PEAK_TFLOPS |= {"RTX 3090": (71, 36), "V100": (125, 15.7), "T4": (65, 8.1)}
 
 
 def peak_flops(device, dtype):
@@ -1050,12 +1009,9 @@ class Progress:
             left = cfg.max_iters - step
             line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
         run.log(line, flush=True)
-        row = {"step": step, "train_loss": round(losses["train"], 4), "val_loss": round(losses["val"], 4)}
-        row |= {
-            "lr": float(f"{lr:.6g}"),
-            "elapsed_s": round(time.time() - run.t_start, 2),
-            "ms_per_iter": ms and round(ms, 2),
-        }
+        row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
+        row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - run.t_start, 2))
+        row["ms_per_iter"] = ms and round(ms, 2)
         try:
             if run.master:  # one line of JSON per evaluation, for plots and scripts
                 with open(run.out_dir / "metrics.jsonl", "a") as f:
@@ -1067,8 +1023,6 @@ class Progress:
 
 
 # ---- Sampling with a KV cache, and the --sample command.
-
-
 class KVCache:
     """The keys and values each attention layer computed for the positions sampled so far: a new character
     costs one position, not a forward pass over the whole context. When the cache holds block_size
@@ -1129,8 +1083,6 @@ def sample(overrides, defaults=None, make_model=GPT):
 
 
 # ---- main(): every side effect starts here, so that tests, notebooks, bigram.py and bench.py import freely.
-
-
 def main(argv=None, defaults=None, make_model=GPT):
     """python gpt.py [--name=value ...]: train, or with --sample write text. Returns the exit status."""
     try:
