@@ -588,7 +588,7 @@ def newest_checkpoint(out_dir):
     """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along. A damaged
     one is skipped with a warning while the other is whole; with neither whole, the first one's error."""
     found, damaged = {}, []
-    for path in (path for path in (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt") if path.exists()):
+    for path in filter(Path.exists, (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt")):
         try:
             found[path] = load_checkpoint(path)
         except UserError as e:
@@ -622,7 +622,8 @@ def load_model_state(model, ckpt, path):
 
 def prepare_out_dir(out_dir, resumed_step):
     """Make out_dir and lock it. A resumed run keeps the whole rows of metrics.jsonl up to its step (it redoes the
-    rest; a crash may cut a row short); a new run starts it afresh and removes an old run's last.pt."""
+    rest; a crash may cut a row short); a new run starts it afresh and removes an old run's last.pt, which
+    --resume would otherwise take up."""
     metrics = out_dir / "metrics.jsonl"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -827,7 +828,7 @@ class Run:
         return 128 + signum
 
     def finish(self, losses, stop):
-        """After the last step: the best model writes a sample (a Ctrl-C now stops it at once); a line sums up."""
+        """After the last step: the best model writes a sample (Ctrl-C now stops it at once); a line sums the run up."""
         if not self.master:
             return 0
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
@@ -1011,7 +1012,7 @@ class Progress:
         run.log(line, flush=True)
         row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
         row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - run.t_start, 2))
-        row["ms_per_iter"] = ms and round(ms, 2)
+        row |= dict(ms_per_iter=ms and round(ms, 2))
         try:
             if run.master:  # one line of JSON per evaluation, for plots and scripts
                 with open(run.out_dir / "metrics.jsonl", "a") as f:
