@@ -86,7 +86,8 @@ def bench(cfg):
 
 
 def training(run, steps):
-    """Training steps, timed one by one after an untimed warm-up (cuBLAS heuristics, the caching allocator)."""
+    """Training steps as the loop runs them, a batch then a step, after an untimed warm-up (cuBLAS heuristics, the
+    caching allocator): all of them in one timed window, with no synchronisation between steps, as in training."""
     cfg, warmup = run.cfg, 5 if run.device.type == "cuda" else 1
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
 
@@ -96,18 +97,15 @@ def training(run, steps):
 
     for _ in range(warmup):
         step()
-    ms = torch.tensor([1000 * timed(run.device, step) for _ in range(steps)], dtype=torch.float64)
-    p10, median, p90 = ms.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    ms = 1000 * timed(run.device, lambda: [step() for _ in range(steps)]) / steps
     peak = gpt.peak_flops(run.device, run.dtype)
-    mfu = gpt.flops_per_token(run.raw_model, cfg) * tokens_per_iter / (median / 1000) / peak if peak else None
+    mfu = gpt.flops_per_token(run.raw_model, cfg) * tokens_per_iter / (ms / 1000) / peak if peak else None
     return {
         "warmup_steps": warmup,
         "steps": steps,
         "tokens_per_iter": tokens_per_iter,
-        "train_ms_per_iter": median,
-        "train_ms_p10": p10,
-        "train_ms_p90": p90,
-        "train_tokens_per_s": tokens_per_iter / (median / 1000),
+        "train_ms_per_iter": ms,
+        "train_tokens_per_s": tokens_per_iter / (ms / 1000),
         "mfu": mfu,
     }
 
@@ -159,8 +157,8 @@ def table(r):
         f"{c['n_embd']}, block {c['block_size']}; random weights",
         f"batch          {c['batch_size']} x {c['gradient_accumulation_steps']} accumulation = "
         f"{r['tokens_per_iter']:,} tokens per step",
-        f"training step  {r['train_ms_per_iter']:.1f} ms/iter (median of {r['steps']} after {r['warmup_steps']} "
-        f"warm-up; p10 {r['train_ms_p10']:.1f}, p90 {r['train_ms_p90']:.1f}) | "
+        f"training step  {r['train_ms_per_iter']:.1f} ms/iter ({r['steps']} steps timed together after "
+        f"{r['warmup_steps']} warm-up) | "
         f"{r['train_tokens_per_s']:,.0f} tokens/s | {mfu}",
         f"peak memory    {r['peak_mem_mb']:,.0f} MB ({r['peak_mem_kind']})",
         f"evaluation     {r['eval_ms_per_batch']:.1f} ms/batch | {100 * r['eval_share_of_run']:.0f}% of a whole run "

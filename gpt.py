@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -54,7 +55,7 @@ class Config:
     # training (lecture: constant lr 3e-4, AdamW's default betas and weight decay, no clipping)
     max_iters: int = 5000  # optimizer steps
     learning_rate: float = 1e-3  # peak learning rate, reached after the warm-up
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay (= learning_rate: constant)
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay (= learning_rate: constant after the warm-up)
     warmup_iters: int = 100  # steps of linear warm-up from 0 to learning_rate
     weight_decay: float = 0.1  # AdamW weight decay, on matrices and embeddings only
     beta2: float = 0.99  # AdamW's second-moment decay: 0.99 suits small batches of characters
@@ -65,7 +66,7 @@ class Config:
     seed: int = 1337  # fixes the initial weights, the batches, dropout and sampling
     # system
     device: str = "auto"  # auto: cuda if present, then mps (Apple), then cpu; or name one
-    dtype: str = "auto"  # auto: bfloat16 on CUDA cards that have it, float16 on older ones, else float32
+    dtype: str = "auto"  # auto: bfloat16 where the GPU or CPU computes in it, float16 on older GPUs, else float32
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA under Linux, off elsewhere
     out_dir: str = "out"  # where ckpt.pt (best val), last.pt (on interrupt) and metrics.jsonl go
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -159,9 +160,6 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.fused = cfg.fused_attention
-        # tril[i, j] says whether position i may look at position j: only at itself and the past
-        tril = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
-        self.register_buffer("tril", tril, persistent=False)
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -171,16 +169,21 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # sampling: the keys and values of earlier positions join in (Part 2, KVCache)
             k, v = cache.extend(self, k, v)  # (B,nh,Tk,hs)
         Tk = k.size(2)  # the positions attended to: the T of x, or more with a cache
-        mask = self.tril[Tk - T : Tk, :Tk]  # (T,Tk): the rows of the T newest positions; without a cache tril[:T,:T]
-        if self.fused:  # one kernel, no (T,Tk) matrix in memory; dropout only while training
-            causal, dropout_p = T == Tk, self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, None if causal else mask, dropout_p, is_causal=causal)
-        else:  # the same, spelled out as in the lecture
-            wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
-            wei = wei.masked_fill(~mask, float("-inf"))  # the future may not talk to the past
-            wei = F.softmax(wei, dim=-1)  # each row: weights that sum to 1
-            wei = self.attn_dropout(wei)
-            y = wei @ v  # (B,nh,T,Tk) @ (B,nh,Tk,hs) -> (B,nh,T,hs)
+        dropout_p = self.dropout if self.training else 0.0  # the fused kernel's dropout on wei: only while training
+        if self.fused and T == Tk:  # one kernel that masks the future itself: no (T,T) matrix in memory
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # tril[i, j] says whether the i-th of the T newest positions may look at position j: at itself and the
+            # past only. (The lecture keeps it as a buffer; made here, there is no buffer for DDP to copy each step.)
+            tril = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T,Tk)
+            if self.fused:  # sampling with a KV cache: the same kernel, given the mask
+                y = F.scaled_dot_product_attention(q, k, v, tril, dropout_p)
+            else:  # the same, spelled out as in the lecture
+                wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, at unit variance
+                wei = wei.masked_fill(~tril, float("-inf"))  # the future may not talk to the past
+                wei = F.softmax(wei, dim=-1)  # each row: weights that sum to 1
+                wei = self.attn_dropout(wei)
+                y = wei @ v  # (B,nh,T,Tk) @ (B,nh,Tk,hs) -> (B,nh,T,hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B,T,C)
         return self.resid_dropout(self.proj(y))
 
@@ -329,7 +332,7 @@ def train(overrides, defaults=None, make_model=GPT):
     run = setup(overrides, defaults, make_model)
     cfg, model = run.cfg, run.model
     splits = {"train": run.train_data, "val": run.val_data}
-    stop = StopRequest(quiet=not run.master)  # Ctrl-C or SIGTERM: stop after this step, and save
+    stop = StopRequest(run.world_size, quiet=not run.master)  # Ctrl-C or SIGTERM: stop after this step, and save
     try:
         progress = Progress(run)  # ms/it, tok/s, MFU, ETA, metrics.jsonl, and a watch on the loss
         for step in range(run.start_step, cfg.max_iters + 1):
@@ -341,19 +344,19 @@ def train(overrides, defaults=None, make_model=GPT):
                 progress.pause(step)  # the clock stops for the evaluation; a loss gone NaN stops the run here
                 losses = estimate_loss(model, splits, cfg, run.batch_gen, run.autocast, run.rank, run.world_size, stop)
                 if losses is None:  # a Ctrl-C abandoned it: save this step, to be evaluated when resumed
-                    return run.interrupted(step, stop_requested(stop, run.device, run.world_size), progress)
+                    return run.interrupted(step, stop, progress)
                 run.evaluated_step = step
                 progress.report(step, losses, lr)
                 if losses["val"] < run.best_val:
                     run.best_val = losses["val"]
                     run.save("ckpt.pt", step)
+                progress.resume(step)  # the clock goes on: ms/it leaves out the evaluation and the save
             if step == cfg.max_iters:
                 break
 
             # Ctrl-C or SIGTERM (to any of the processes): save this step in last.pt and stop
-            signum = stop_requested(stop, run.device, run.world_size)
-            if signum:
-                return run.interrupted(step, signum, progress)
+            if stop.requested():
+                return run.interrupted(step, stop, progress)
 
             # a batch: every process draws the same global batch and keeps its share, (accum,B,T)
             x, y = get_share(run.train_data, cfg, run.batch_gen, run.rank, run.world_size)
@@ -361,13 +364,13 @@ def train(overrides, defaults=None, make_model=GPT):
             # one optimizer step
             loss = train_step(model, run.optimizer, run.scaler, x, y, lr, cfg.grad_clip, run.autocast)
             progress.watch(step, loss)
-        leave_process_group()  # all processes are done; rank 0 alone writes the sample
+        leave_process_group(stop)  # all processes are done; rank 0 alone writes the sample
         return run.finish(progress.losses, stop)
     except torch.OutOfMemoryError:
         raise UserError(out_of_memory(cfg)) from None
     finally:
         stop.restore()
-        leave_process_group()
+        leave_process_group(stop)
         run.unlock()
 
 
@@ -606,8 +609,9 @@ def newest_checkpoint(out_dir):
 
 
 def config_from(ckpt, overrides):
-    """The checkpoint's settings, with the ones given on the command line on top."""
-    known = {f.name for f in fields(Config)}
+    """The checkpoint's settings, with the ones given on the command line on top; not its device: a run goes on on
+    the machine it is started on, so that a checkpoint made on a GPU resumes on a laptop (and back)."""
+    known = {f.name for f in fields(Config)} - {"device"}
     return replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}), **overrides)
 
 
@@ -622,12 +626,13 @@ def load_model_state(model, ckpt, path):
 
 def prepare_out_dir(out_dir, resumed_step):
     """Make out_dir and lock it. A resumed run keeps the whole rows of metrics.jsonl up to its step (it redoes the
-    rest; a crash may cut a row short); a new run starts it afresh and removes an old run's last.pt, which
-    --resume would otherwise take up."""
+    rest; a crash may cut a row short); a new run sets an earlier run's files aside and starts metrics.jsonl afresh."""
     metrics = out_dir / "metrics.jsonl"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock, rows, damaged = lock_out_dir(out_dir), [], 0
+        if resumed_step is None:
+            set_aside(out_dir)
         resumed = resumed_step is not None and metrics.exists()
         for line in metrics.read_text(errors="replace").splitlines() if resumed else []:
             try:
@@ -638,12 +643,28 @@ def prepare_out_dir(out_dir, resumed_step):
         if damaged:
             print(f"warning: dropped {damaged} damaged line(s) of {metrics}, as a crash while writing leaves them")
         write_atomically(metrics, lambda f: f.write("".join(row + "\n" for row in rows).encode()))
-        if resumed_step is None:
-            (out_dir / "last.pt").unlink(missing_ok=True)
     except OSError as e:
         advice = "name a folder you can write to"
         raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); {advice}") from None
     return lock
+
+
+def set_aside(out_dir):
+    """A new run in an out_dir that holds an earlier run's model moves that run's files into a folder named by when
+    they were last written: --resume can then never take them up, and nothing trained is lost."""
+    files = [out_dir / name for name in ("ckpt.pt", "last.pt", "metrics.jsonl") if (out_dir / name).exists()]
+    if not any(f.suffix == ".pt" for f in files):
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(f.stat().st_mtime for f in files)))
+    folder, n = out_dir / f"earlier-{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = out_dir / f"earlier-{stamp}-{n}"
+    folder.mkdir()
+    for f in files:
+        f.rename(folder / f.name)
+    names = ", ".join(f.name for f in files)
+    print(f"note: {out_dir} held an earlier run; its {names} moved to {folder} (sample it with --out_dir={folder})")
 
 
 def lock_out_dir(out_dir):
@@ -685,16 +706,27 @@ def resolve_device(name):
 
 
 def precision(cfg, device):
-    """The training dtype, an autocast context that runs the matrix products in it, and a gradient scaler. auto:
-    bfloat16 on CUDA cards of compute capability 8.0 on (is_bf16_supported() says yes to older cards that only
-    emulate it, slowly), float16 with the scaler on older ones, float32 elsewhere."""
-    if cfg.dtype not in ("auto", "float32") and device.type != "cuda":
-        raise UserError(f"--dtype={cfg.dtype} is for CUDA GPUs; use --dtype=float32 on {device.type}")
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.float32
+    """The training dtype, an autocast context that runs the matrix products in it, and a gradient scaler (float16
+    only: it scales the loss up so that small gradients do not round to 0). auto: bfloat16 on CUDA cards of compute
+    capability 8.0 on (is_bf16_supported() says yes to older cards that only emulate it, slowly) and on CPUs with
+    bfloat16 instructions; float16 on older CUDA cards; float32 elsewhere. Both run on any CPU, for tests above all."""
+    if cfg.dtype in ("bfloat16", "float16") and device.type == "mps":
+        raise UserError(f"--dtype={cfg.dtype} is not supported on mps here; use --dtype=float32 (or leave it auto)")
+    dtype = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype)
     if cfg.dtype == "auto" and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if cfg.dtype == "auto" and device.type == "cpu" and cpu_has_bfloat16():
+        dtype = torch.bfloat16
+    # float32 matrix products on CUDA in TF32 (several times faster, precise enough to train) unless float32 is named
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype != "float32"
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def cpu_has_bfloat16():
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86's AVX512-BF16 or AMX, which cpuinfo reads off
+    the CPU): there autocast to bfloat16 is faster than float32. Elsewhere it is emulated, and slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def synchronize(device):
@@ -718,6 +750,8 @@ def compile_model(raw_model, cfg, device, autocast, data, log):
                 _, loss = model(x, y)
             loss.backward()
     except Exception as e:
+        if isinstance(e, torch.OutOfMemoryError) or isinstance(e.__cause__, torch.OutOfMemoryError):
+            raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
         first_line = str(e).strip().partition("\n")[0][:120]
         log(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); training without it")
         return raw_model, False
@@ -741,8 +775,28 @@ def setup_distributed(device_name):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def leave_process_group():
+def from_rank_0(load, world_size):
+    """load() run by rank 0 alone, its result (or its UserError) sent to the other processes: with several
+    machines, --resume needs out_dir on the first one's disk only."""
+    if world_size == 1:
+        return load()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = load()
+        except UserError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
+
+
+def leave_process_group(stop=None):
     if dist.is_initialized():  # under torchrun, even with one process
+        if stop is not None and stop.pending is not None:
+            stop.pending.wait()  # the last signal numbers that all processes sent each other (StopRequest)
+            stop.pending = None
         dist.destroy_process_group()
 
 
@@ -763,8 +817,6 @@ class Run:
         self.cfg, self.device, self.rank, self.world_size, self.lock = cfg, device, rank, world_size, None
         self.master, self.out_dir = rank == 0, Path(cfg.out_dir)  # only rank 0 prints, writes files and samples
         self.t_start = time.time() - (ckpt["elapsed_s"] if ckpt else 0.0)  # less the time of the runs it continues
-        # float32 matrix products on CUDA in TF32: several times faster, and precise enough to train
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.dtype, self.autocast, self.scaler = precision(cfg, device)
         self.text = load_text(cfg.data)
         self.tokenizer = CharTokenizer.from_text(self.text)
@@ -796,11 +848,21 @@ class Run:
 
     def restore(self, ckpt):
         load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.batch_gen.set_state(ckpt["rng"]["batches"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the model's device
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rng, here = ckpt["rng"], self.device.type
+        if rng.get("device", here) == here and rng["batches"].numel() == self.batch_gen.get_state().numel():
+            self.batch_gen.set_state(rng["batches"])
+        else:  # each kind of device has a generator of its own kind
+            self.batch_gen.manual_seed(self.cfg.seed + ckpt["step"])
+            self.log(
+                f"warning: the checkpoint was saved on {rng.get('device', 'another device')} and resumes on "
+                f"{here}: the batches are drawn afresh and will not replay exactly those of an unbroken run"
+            )
+        torch.set_rng_state(rng["torch"])
+        if here == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.start_step, self.best_val = ckpt["step"], ckpt["best_val"]
         self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])  # behind the step if a Ctrl-C cut it short
 
@@ -812,20 +874,21 @@ class Run:
         """Everything needed to go on from `step`, saved as out_dir/name by rank 0."""
         if not self.master:
             return
-        rng = {"torch": torch.get_rng_state(), "batches": self.batch_gen.get_state()}
+        rng = {"torch": torch.get_rng_state(), "batches": self.batch_gen.get_state(), "device": self.device.type}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
+        state |= {"scaler": self.scaler.state_dict()}  # float16's loss scale: a resumed run goes on with it
         state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars, "step": step, "best_val": self.best_val}
         state |= {"evaluated_step": self.evaluated_step, "elapsed_s": time.time() - self.t_start}
         save_checkpoint(self.out_dir / name, state)
 
-    def interrupted(self, step, signum, progress):
-        """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by signum."""
+    def interrupted(self, step, stop, progress):
+        """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
         progress.check_finite()  # never save a model that has already blown up
         self.save("last.pt", step)
         self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
-        return 128 + signum
+        return 128 + (stop.signum or stop.agreed or signal.SIGTERM)  # the last: another process's, not known yet
 
     def finish(self, losses, stop):
         """After the last step: the best model writes a sample (Ctrl-C now stops it at once); a line sums the run up."""
@@ -842,7 +905,9 @@ class Run:
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
         torch.manual_seed(cfg.seed)
         prompt = cfg.prompt if set(cfg.prompt) <= self.tokenizer.stoi.keys() else self.text[0]  # no newline in text
-        print_sample(self.raw_model, self.tokenizer, prompt, 500, cfg.temperature, cfg.top_k, self.device)
+        print_sample(
+            self.raw_model, self.tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.device
+        )
         summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
         print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
         return 0
@@ -858,11 +923,11 @@ def setup(overrides, defaults=None, make_model=GPT):
     processes, the run, and out_dir, locked and ready for it."""
     cfg = replace(defaults or Config(), **overrides)
     check_config(cfg)
-    ckpt = newest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if ckpt:  # the checkpoint's settings (model shape above all), then what the command line changes
-        cfg = config_from(ckpt, overrides)
-        check_config(cfg)
     device, rank, world_size = setup_distributed(cfg.device)
+    ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir), world_size) if cfg.resume else None
+    if ckpt:  # the checkpoint's settings (model shape above all), then what the command line changes
+        cfg = config_from(ckpt, {"device": cfg.device, **overrides})
+        check_config(cfg)
     if rank == 0 and (Path(cfg.out_dir) / "train.lock").exists():  # in use? say so now, not after compiling
         with contextlib.suppress(OSError):  # a folder we cannot write to is refused below, with its own error
             lock_out_dir(Path(cfg.out_dir)).close()
@@ -878,9 +943,10 @@ class StopRequest:
     last.pt after the current step, an evaluation is abandoned within a batch. A second one, or one while
     nothing is left to save (at_once: the final sample), stops at once, with KeyboardInterrupt."""
 
-    def __init__(self, quiet=False):
-        self.signum, self.quiet, self.at_once = 0, quiet, False
+    def __init__(self, world_size=1, quiet=False):
+        self.signum, self.quiet, self.at_once, self.agreed, self.pending = 0, quiet, False, 0, None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None  # on the CPU: no GPU waits for it
 
     def handle(self, signum, frame):
         if self.signum or self.at_once:
@@ -890,34 +956,45 @@ class StopRequest:
             ack = "stopping: last.pt is saved after this step (an evaluation is cut short); Ctrl-C again stops at once"
             os.write(2, f"\n{ack}\n".encode())
 
+    def requested(self):
+        """The number of the signal that asked us to stop, or 0. With several processes, of one that any of them got:
+        each step sends this process's signum and reads what all of them sent a step before, so that no step waits
+        for the others and all stop at the same step. Only the handler writes self.signum: a signal that comes while
+        the others' numbers arrive is sent at the next step, not overwritten with their 0."""
+        if self.group is None:
+            return self.signum
+        if self.pending is not None:
+            self.pending.wait()
+            self.agreed = int(self.flag)
+        self.flag = torch.tensor(self.signum)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return self.agreed
+
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def stop_requested(stop, device, world_size):
-    """The number of the signal that asked us to stop, or 0; with several processes, of one that any of
-    them got, so that all stop at the same step. Only the handler writes stop.signum: a signal that comes
-    while we wait for the others is then seen at the next step, not overwritten with their 0."""
-    if world_size == 1:
-        return stop.signum
-    flag = torch.tensor(stop.signum, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
-# A card's peak dense matrix throughput in TFLOP/s: (bfloat16/float16, float32 as TF32), for MFU.
-PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "H100 PCIe": (756, 378), "A100": (312, 156)}
-PEAK_TFLOPS |= {"L40S": (362, 183), "L4": (121, 60), "A10": (125, 62), "RTX 4090": (165, 83)}
-PEAK_TFLOPS |= {"RTX 3090": (71, 36), "V100": (125, 15.7), "T4": (65, 8.1)}
+# A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32), for MFU; by the card's name
+# as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100 (SXM).
+PEAK_TFLOPS = {"H100": (989, 494), "H200": (989, 494), "GH200": (989, 494), "H100 PCIE": (756, 378)}
+PEAK_TFLOPS |= {"H100 NVL": (835, 418), "H200 NVL": (835, 418), "A100": (312, 156), "A100 PCIE": (312, 156)}
+PEAK_TFLOPS |= {"L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60), "A10": (125, 62.5), "RTX 4090": (165, 83)}
+PEAK_TFLOPS |= {"RTX 3090": (71, 36), "V100": (125, 15.7), "V100 PCIE": (112, 14), "T4": (65, 8.1)}
+
+
+def card_name(device_name):
+    """ "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA H100 NVL" -> "H100 NVL": the words that tell cards apart."""
+    words = device_name.upper().replace("-", " ").split()
+    drop = re.compile(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\w*|SXM\d*")
+    return " ".join(w for w in words if not drop.fullmatch(w))
 
 
 def peak_flops(device, dtype):
     """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""  # the longest card name in it
-    card = max((card for card in PEAK_TFLOPS if card in name), key=len, default=None)
-    return card and 1e12 * PEAK_TFLOPS[card][dtype == torch.float32]
+    card = card_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else ""
+    return 1e12 * PEAK_TFLOPS[card][dtype == torch.float32] if card in PEAK_TFLOPS else None
 
 
 def flops_per_token(model, cfg):
@@ -946,7 +1023,7 @@ class Progress:
         self.run, cfg, n = run, run.cfg, run.world_size
         sequences = cfg.batch_size * cfg.gradient_accumulation_steps * n  # the effective batch
         self.tokens_per_iter = sequences * cfg.block_size
-        self.flops_per_iter = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter
+        self.flops_per_gpu = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter / n  # each GPU's share
         self.peak = peak_flops(run.device, run.dtype)
         self.first_bad = torch.tensor(-1, device=run.device)  # the first step whose loss was not finite
         self.losses, self.ms_per_iter, self.eval_s = None, None, 0.0
@@ -1006,7 +1083,7 @@ class Progress:
         line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
         if ms:
             line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
-            line += f" | mfu {100 * self.flops_per_iter / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
+            line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
             left = cfg.max_iters - step
             line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
         run.log(line, flush=True)
@@ -1020,6 +1097,9 @@ class Progress:
         except OSError as e:
             kept = "the checkpoints beside it are kept"
             raise UserError(f"could not write {run.out_dir / 'metrics.jsonl'} ({e.strerror or e}); {kept}") from None
+
+    def resume(self, step):
+        """After the evaluation, its report and its checkpoint: the clock of the training steps goes on."""
         self.t_last, self.step_last = time.time(), step
 
 

@@ -6,7 +6,8 @@ one module fixture starts every run up front, side by side, and the tests only r
     a             torchrun, 2 processes, batch_size 4, 6 steps: the command a user types
     b             1 process, batch_size 8, 6 steps            b9   the same, 9 steps
     c             1 process, batch_size 4, accumulation 2, 6 steps
-    a2            a copy of a's out_dir, resumed by 2 processes to step 9
+    a2            a copy of a's out_dir, resumed by 2 processes to step 9; rank 1 runs in a folder without it, as
+                  on a second machine whose disk does not hold out_dir
     sig           2 processes training for long; SIGTERM to rank 1 alone, once rank 0 has printed step 0
     torchrun_sig  torchrun, 2 processes training for long; SIGTERM to torchrun, once step 0 is printed
 
@@ -28,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,7 @@ CHILD = (
 def start(job):
     with open(job["stdout"], "w") as out, open(job["stderr"], "w") as err:
         return subprocess.Popen([sys.executable, "-c", CHILD, sys.argv[1], json.dumps(job["argv"])],
-                                stdout=out, stderr=err, env={**os.environ, **job["env"]})
+                                stdout=out, stderr=err, env={**os.environ, **job["env"]}, cwd=job["cwd"])
 
 for line in sys.stdin:
     running = {name: start(job) for name, job in json.loads(line).items()}
@@ -99,11 +99,14 @@ class Run:
     """One run of `gpt.py args` with world_size processes: its folder holds out/ (its out_dir) and the
     output of each rank, stdout0, stderr0, stdout1, ... (torchrun's runs: only stdout0 and stderr0)."""
 
-    def __init__(self, folder, args, world_size=1):
-        self.folder, self.world_size = Path(folder), world_size
+    def __init__(self, folder, args, world_size=1, elsewhere=False):
+        """elsewhere: rank 0 runs in folder, the others in folder/elsewhere, and out_dir is the relative path out."""
+        self.folder, self.world_size, self.elsewhere = Path(folder), world_size, elsewhere
         self.out_dir = self.folder / "out"
-        self.args = [*args, f"--out_dir={self.out_dir}"]
+        self.args = [*args, f"--out_dir={'out' if elsewhere else self.out_dir}"]
         self.folder.mkdir(parents=True)
+        if elsewhere:
+            (self.folder / "elsewhere").mkdir()
         self.returncodes = None  # one per process; torchrun's runs: torchrun's
 
     def stdout(self, rank=0):
@@ -130,6 +133,7 @@ class Run:
                 "env": {k: str(v) for k, v in env.items()} if self.world_size > 1 else {},
                 "stdout": str(self.folder / f"stdout{rank}"),
                 "stderr": str(self.folder / f"stderr{rank}"),
+                "cwd": str(self.folder / "elsewhere" if self.elsewhere and rank > 0 else self.folder),
             }
         return jobs
 
@@ -248,7 +252,7 @@ def runs(tmp_path_factory, corpus):
         "b": Run(root / "b", [*common, "--batch_size=8", f"--max_iters={STEPS}"]),
         "b9": Run(root / "b9", [*common, "--batch_size=8", f"--max_iters={MORE_STEPS}"]),
         "c": Run(root / "c", [*common, "--batch_size=4", "--gradient_accumulation_steps=2", f"--max_iters={STEPS}"]),
-        "a2": Run(root / "a2", [*common, "--batch_size=4", f"--max_iters={MORE_STEPS}", "--resume"], world_size=2),
+        "a2": Run(root / "a2", [*common, "--batch_size=4", f"--max_iters={MORE_STEPS}", "--resume"], 2, elsewhere=True),
         "sig": Run(root / "sig", long_run, world_size=2),
         "torchrun_sig": Run(root / "torchrun_sig", long_run, world_size=2),
         # an evaluation of 10^6 batches: Ctrl-C in a terminal sends SIGINT to every process
@@ -392,6 +396,7 @@ def test_resume_with_two_processes_continues_exactly(runs):
     assert progress_steps(a2) == ["step 9/9"]
     assert files(a2) == ["ckpt.pt", "metrics.jsonl"]
     assert a2.stdout(rank=1) == ""  # rank 1 prints nothing at all
+    assert list((a2.folder / "elsewhere").iterdir()) == []  # rank 0 sent it the checkpoint; it wrote nothing
 
 
 # ---- signals --------------------------------------------------------------------------------------------
@@ -442,18 +447,40 @@ def test_sigterm_to_torchrun_stops_its_workers_and_saves_once(runs):
     assert run.seconds_to_stop < GRACE
 
 
-def test_a_signal_that_comes_while_waiting_for_the_others_is_kept_for_the_next_step(monkeypatch):
-    """A process spends much of its time in all_reduce, waiting for the others; a signal handled then must
-    not be overwritten by the 0 the others sent, else the stop would be lost."""
-    stop, seen = types.SimpleNamespace(signum=0), []
+def test_the_processes_agree_on_a_stop_a_step_later_without_waiting(monkeypatch):
+    """Each step sends this process's signal number to the others without waiting (on a gloo group of its own, on
+    the CPU), and reads what all of them sent the step before: no step waits for the slowest process, and all stop
+    at the same step. A signal handled while the numbers travel is sent at the next step, not overwritten with the
+    others' 0; a signal that only another process got stops this one too."""
+    sent, others = [], [0, 0, signal.SIGINT, 0]  # what the other process sends at each step
 
-    def all_reduce(flag, op):  # the others had no signal; meanwhile this process's handler runs, once
-        assert op == torch.distributed.ReduceOp.MAX
-        if not seen:
-            stop.signum = signal.SIGTERM
-        seen.append(flag.item())
+    class Work:
+        def __init__(self, flag):
+            self.flag, self.theirs = flag, others[len(sent) - 1]
 
+        def wait(self):
+            self.flag.fill_(max(int(self.flag), self.theirs))
+
+    def all_reduce(flag, op, group, async_op):
+        assert (op, group, async_op) == (torch.distributed.ReduceOp.MAX, "gloo group", True)
+        sent.append(int(flag))
+        return Work(flag)
+
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: "gloo group" if backend == "gloo" else None)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    assert gpt.stop_requested(stop, torch.device("cpu"), world_size=2) == 0
-    assert gpt.stop_requested(stop, torch.device("cpu"), world_size=2) == signal.SIGTERM
-    assert seen == [0, signal.SIGTERM]
+    stop = gpt.StopRequest(world_size=2, quiet=True)
+    try:
+        assert stop.requested() == 0  # nothing received yet
+        stop.handle(signal.SIGTERM, None)  # this process's own signal, while the numbers travel
+        assert stop.requested() == 0  # the step before, nobody had one
+        assert stop.requested() == signal.SIGTERM  # now everybody knows
+        assert sent == [0, signal.SIGTERM, signal.SIGTERM]
+    finally:
+        stop.restore()
+    sent.clear()
+    stop = gpt.StopRequest(world_size=2, quiet=True)
+    try:
+        assert [stop.requested() for _ in range(4)] == [0, 0, 0, signal.SIGINT]  # the other's, a step after it sent it
+        assert sent == [0, 0, 0, 0]
+    finally:
+        stop.restore()

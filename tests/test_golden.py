@@ -1,14 +1,18 @@
 """The training numbers are a decision, not an accident.
 
 A tiny run with dropout, warm-up, cosine decay, gradient clipping and gradient accumulation all switched on
-must write exactly these losses to metrics.jsonl on a CPU with one thread and a fixed seed. They were
+must write exactly these losses to metrics.jsonl on a CPU in float32 with one thread and a fixed seed. They were
 recorded from the code before gpt.py was rearranged into "the lesson first, the machinery after" (commit
 4a498b9), and a refactor must leave them as they are. A change that is meant to change them (a new
-initialisation, another schedule) updates them here, in the same commit, and says why."""
+initialisation, another schedule) updates them here, in the same commit, and says why.
+
+The last bits of a float32 sum depend on how wide the CPU's vector instructions are: the unrounded best val loss
+is held for each kind of CPU it was recorded on (PyTorch's get_cpu_capability), and to 1e-6 on any other."""
 
 import json
 
 import pytest
+import torch
 from conftest import TINY
 
 import bigram
@@ -18,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETTINGS = [*TINY, "--dropout=0.1", "--gradient_accumulation_steps=2", "--warmup_iters=5", "--max_iters=24"]
 SETTINGS += ["--eval_interval=5"]  # 24 is not a multiple of 5: the last evaluation is an extra one
+SETTINGS += ["--dtype=float32", "--max_new_tokens=79"]  # float32 whatever the CPU; the sample compared below
 
 # (step, train_loss, val_loss) as written by the code before the refactor
 GPT_LOSSES = [
@@ -28,7 +33,7 @@ GPT_LOSSES = [
     (20, 3.7679, 3.7557),
     (24, 3.7702, 3.7869),
 ]
-GPT_BEST_VAL = 3.7556896209716797
+GPT_BEST_VAL = {"AVX512": 3.7556896209716797, "AVX2": 3.7556893825531006}  # by torch.backends.cpu's capability
 GPT_SAMPLE = "\nCpzlYaS tczde.pwEiT,YlrzlGu-aYeNY\nijbo\nLzzj$eUKS-A.U FisdJiG HTssPtW;,ie$zOAnsz"
 BIGRAM_LOSSES = [(0, 4.1744, 4.1744), (100, 3.3632, 3.3629), (200, 3.0333, 3.0524), (300, 3.0319, 2.9889)]
 
@@ -42,9 +47,11 @@ def test_gpt_losses_are_unchanged(corpus, tmp_path, capsys):
     assert gpt.main([*SETTINGS, f"--data={corpus}", f"--out_dir={tmp_path}"]) == 0
     assert losses(tmp_path) == GPT_LOSSES
     # the weights too, to the last bit: the best val loss unrounded, and the sample the best model writes
-    assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["best_val"] == GPT_BEST_VAL
+    best_val = gpt.load_checkpoint(tmp_path / "ckpt.pt")["best_val"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert best_val == GPT_BEST_VAL.get(capability, pytest.approx(GPT_BEST_VAL["AVX2"], abs=1e-6)), capability
     sample = capsys.readouterr().out.split("sample from the best model (step 20, val 3.7557):\n", 1)[1]
-    assert sample[:80] == GPT_SAMPLE
+    assert sample.startswith(GPT_SAMPLE + "\n\nfinal: ")  # the prompt and max_new_tokens=79 characters, no more
 
 
 def test_bigram_losses_are_unchanged(corpus, tmp_path):

@@ -1,0 +1,354 @@
+"""Ready for the first GPU (issue 17): figures that are true on any card and any number of processes, resume across
+devices and runs, and every precision path (bfloat16, float16 with its gradient scaler, torch.compile) run on the CPU
+before a GPU ever runs it."""
+
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+import gpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+def rows(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(out_dir):
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "ms_per_iter")} for r in rows(out_dir)]
+
+
+def same_weights(a, b):
+    ckpt_a, ckpt_b = (gpt.load_checkpoint(Path(d) / "ckpt.pt") for d in (a, b))
+    assert ckpt_a["model"].keys() == ckpt_b["model"].keys()
+    return all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
+
+
+def interrupt_during_step(monkeypatch, call):
+    """This process gets SIGINT during its call-th optimizer step, as from Ctrl-C: the run saves last.pt after it."""
+    calls, train_step = [], gpt.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(*args)
+
+    monkeypatch.setattr(gpt, "train_step", interrupted_step)
+
+
+# ---- figures you can trust ------------------------------------------------------------------------------------
+
+CARDS = {  # the name the driver gives -> the peak (bfloat16, TF32) in TFLOP/s, or None: unknown, no MFU shown
+    "NVIDIA H100 80GB HBM3": (989, 494),
+    "NVIDIA H100 PCIe": (756, 378),
+    "NVIDIA H100 NVL": (835, 418),
+    "NVIDIA H200": (989, 494),
+    "NVIDIA A100-SXM4-80GB": (312, 156),
+    "NVIDIA A100-PCIE-40GB": (312, 156),
+    "NVIDIA L40S": (362, 183),
+    "NVIDIA L40": (181, 90.5),
+    "NVIDIA L4": (121, 60),
+    "NVIDIA A10": (125, 62.5),
+    "NVIDIA A10G": None,  # not an A10
+    "NVIDIA GeForce RTX 4090": (165, 83),
+    "NVIDIA GeForce RTX 4090 Laptop GPU": None,  # a far slower chip under the same number
+    "Tesla V100-SXM2-16GB": (125, 15.7),
+    "Tesla V100-PCIE-32GB": (112, 14),
+    "Tesla T4": (65, 8.1),
+    "NVIDIA H800": None,
+}
+
+
+@pytest.mark.parametrize("name", CARDS)
+def test_the_card_table_matches_whole_card_names(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    cuda = torch.device("cuda")
+    got = [gpt.peak_flops(cuda, dtype) for dtype in (torch.bfloat16, torch.float32)]
+    assert got == ([None, None] if CARDS[name] is None else [1e12 * peak for peak in CARDS[name]])
+    assert gpt.peak_flops(CPU, torch.float32) is None
+
+
+def fake_run(world_size, out_dir):
+    """What Progress reads of a run: 4 processes of a tiny model, rank 1 (which prints nothing)."""
+    cfg = gpt.replace(gpt.Config(), n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, out_dir=str(out_dir))
+    model = gpt.GPT(65, cfg)
+    return types.SimpleNamespace(
+        cfg=cfg,
+        world_size=world_size,
+        raw_model=model,
+        device=CPU,
+        dtype=torch.bfloat16,
+        compiled=False,
+        master=False,
+        start_step=0,
+        out_dir=Path(out_dir),
+        t_start=time.time(),
+        log=print,
+    )
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_mfu_is_each_gpus_share_of_its_own_cards_peak(world_size, tmp_path, capsys):
+    """Each process trains its share of the global batch on its own card: tokens of all / processes / one peak."""
+    progress = gpt.Progress(fake_run(world_size, tmp_path))
+    tokens = 8 * 16 * world_size  # the batch of all processes
+    assert progress.tokens_per_iter == tokens
+    per_gpu = gpt.flops_per_token(progress.run.raw_model, progress.run.cfg) * tokens / world_size
+    progress.peak, progress.ms_per_iter = per_gpu / 0.5, 500.0  # a card that does one step's work in 0.5 s: 100%
+    progress.t_eval = time.time()
+    progress.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
+    assert "| mfu 100% |" in capsys.readouterr().out
+
+
+def test_checkpoint_saves_are_left_out_of_ms_per_it(corpus, tmp_path, monkeypatch):
+    """ms/it, tok/s, mfu and eta time the training steps. Writing the model and AdamW's state after an evaluation
+    (here made to take 0.4 s) belongs to the evaluation's pause, as the evaluation itself does."""
+    save = gpt.Run.save
+
+    def slow_save(self, name, step):
+        time.sleep(0.4)
+        save(self, name, step)
+
+    monkeypatch.setattr(gpt.Run, "save", slow_save)
+    assert gpt.main([*TINY, f"--data={corpus}", f"--out_dir={tmp_path}", "--max_iters=8", "--eval_interval=4"]) == 0
+    ms = [r["ms_per_iter"] for r in rows(tmp_path)]
+    assert ms[0] is None and all(m < 100 for m in ms[1:]), ms  # with a save in it: over 100 ms per step of 4
+
+
+def test_the_model_has_no_buffer_for_ddp_to_copy_before_each_forward_pass():
+    """DDP broadcasts a module's buffers from rank 0 before every forward pass (a collective, every micro-batch):
+    the causal mask is made where it is used, so there is none."""
+    cfg = gpt.replace(gpt.Config(), n_layer=2, n_head=2, n_embd=32, block_size=16)
+    assert list(gpt.GPT(65, cfg).buffers()) == []
+
+
+# ---- resume, and the fine points around it ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_dir(corpus, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("gpu_ready") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert gpt.main([*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--max_iters=10", "--eval_interval=5"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out_dir
+
+
+@pytest.mark.parametrize(
+    ("saved_on", "state_bytes", "named"),
+    [("cuda", 16, "cuda"), ("mps", 16, "mps"), (None, 16, "another device")],  # None: a checkpoint that names none
+)
+def test_a_checkpoint_from_another_kind_of_device_resumes_here(
+    saved_on, state_bytes, named, finished_dir, corpus, tmp_path, capsys
+):
+    """A run trained on a rented GPU, its out/ copied to a laptop: model and optimizer load, and the batch generator,
+    whose state is of another kind (16 bytes on CUDA, 5,056 on a CPU), is seeded afresh, with one line saying so."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(finished_dir, out_dir)
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    ckpt["rng"]["batches"] = torch.arange(state_bytes, dtype=torch.uint8)  # what that device's generator holds
+    if saved_on:
+        ckpt["rng"]["device"] = saved_on
+    else:
+        del ckpt["rng"]["device"]
+    torch.save(ckpt, out_dir / "ckpt.pt")
+    capsys.readouterr()
+    assert gpt.main([*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--resume", "--max_iters=15"]) == 0
+    out, err = capsys.readouterr()
+    warning = (
+        f"warning: the checkpoint was saved on {named} and resumes on cpu: the batches are drawn afresh and will "
+        "not replay exactly those of an unbroken run"
+    )
+    assert [line for line in out.splitlines() if line.startswith("warning:")] == [warning]
+    assert "Traceback" not in out + err
+    assert [r["step"] for r in rows(out_dir)] == [0, 5, 10, 15]
+    assert gpt.load_checkpoint(out_dir / "ckpt.pt")["rng"]["device"] == "cpu"
+
+
+def test_the_device_a_run_was_trained_on_does_not_follow_it(finished_dir, corpus, tmp_path, capsys):
+    """A checkpoint that names --device=cuda resumes and samples on a machine without CUDA, where it is started."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(finished_dir, out_dir)
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["device"] = "cuda"
+    torch.save(ckpt, out_dir / "ckpt.pt")
+    assert gpt.main(["--sample", f"--out_dir={out_dir}", "--max_new_tokens=5"]) == 0
+    assert gpt.main([*TINY[1:], f"--data={corpus}", f"--out_dir={out_dir}", "--resume", "--max_iters=12"]) == 0
+    assert "| device cpu |" in capsys.readouterr().out
+
+
+def test_resume_continues_the_newest_run_and_an_older_runs_model_is_set_aside(corpus, tmp_path, monkeypatch, capsys):
+    """Run A finishes in out/. Run B starts there with other settings and is stopped by Ctrl-C during its first
+    evaluation, which leaves B's last.pt at step 0, behind A's ckpt.pt at step 30. --resume must continue B. A's
+    files are not lost: B moved them into a folder of their own when it started, and said so in one line."""
+    out_dir = tmp_path / "out"
+    common = [*TINY, f"--data={corpus}", f"--out_dir={out_dir}"]
+    assert gpt.main([*common, "--n_embd=16", "--max_iters=30"]) == 0
+    a_metrics = (out_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    estimate_loss = gpt.estimate_loss
+
+    def ctrl_c_during_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return estimate_loss(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "estimate_loss", ctrl_c_during_evaluation)
+    assert gpt.main([*common, "--n_embd=32", "--max_iters=60"]) == 130
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    (earlier,) = out_dir.glob("earlier-*")
+    note = f"note: {out_dir} held an earlier run; its ckpt.pt, metrics.jsonl moved to {earlier} (sample it with "
+    assert out.splitlines()[0] == note + f"--out_dir={earlier})"
+    assert (earlier / "metrics.jsonl").read_text() == a_metrics
+    assert gpt.load_checkpoint(earlier / "ckpt.pt")["config"]["n_embd"] == 16
+    assert sorted(p.name for p in out_dir.iterdir() if p.is_file()) == ["last.pt", "metrics.jsonl"]
+
+    assert gpt.main([f"--out_dir={out_dir}", f"--data={corpus}", "--resume"]) == 0
+    capsys.readouterr()
+    ckpt = gpt.load_checkpoint(out_dir / "ckpt.pt")
+    assert (ckpt["config"]["n_embd"], ckpt["config"]["max_iters"], ckpt["step"]) == (32, 60, 60)  # B, to its end
+    assert [r["step"] for r in rows(out_dir)] == [0, 10, 20, 30, 40, 50, 60]
+    assert gpt.main(["--sample", f"--out_dir={earlier}", "--max_new_tokens=5"]) == 0  # A's model, still there
+
+
+def test_out_of_memory_while_compiling_gets_the_out_of_memory_advice(corpus, tmp_path, monkeypatch, capsys):
+    """The compile trial runs a whole forward and backward pass: running out of memory there is the batch's
+    fault, not torch.compile's, and gets the same one line as out of memory during training."""
+
+    def compile(model):
+        def run_out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return run_out_of_memory
+
+    monkeypatch.setattr(torch, "compile", compile)
+    argv = [*TINY, f"--data={corpus}", f"--out_dir={tmp_path / 'out'}", "--compile=true"]
+    assert gpt.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert err == f"error: {gpt.out_of_memory(gpt.replace(gpt.Config(), **gpt.parse_overrides(argv)))}\n"
+    assert "torch.compile failed" not in out + err and not (tmp_path / "out").exists()
+
+
+# ---- precision --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tf32_flags():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize(("dtype", "tf32"), [("float32", False), ("auto", True), ("bfloat16", True)])
+def test_an_explicit_float32_turns_tf32_off(dtype, tf32, tf32_flags):
+    """--dtype=float32 means float32 matrix products, as the advice for a loss gone NaN expects; auto keeps TF32 for
+    what runs in float32 on a CUDA card (it is several times faster, and precise enough to train)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    gpt.precision(gpt.Config(dtype=dtype), CPU)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "other-cpu"])
+def test_auto_on_a_cpu_picks_bfloat16_where_the_cpu_computes_in_it(native, monkeypatch, tf32_flags):
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: native)
+    dtype, autocast, scaler = gpt.precision(gpt.Config(), CPU)
+    assert dtype == (torch.bfloat16 if native else torch.float32) and not scaler.is_enabled()
+    assert isinstance(autocast, torch.autocast) == native
+    if native:
+        assert (autocast.device, autocast.fast_dtype) == ("cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize(("dtype", "scaled"), [("bfloat16", False), ("float16", True), ("float32", False)])
+def test_every_dtype_runs_on_any_cpu(dtype, scaled, monkeypatch, tf32_flags):
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: False)  # named, not picked: even where it is emulated
+    got, autocast, scaler = gpt.precision(gpt.Config(dtype=dtype), CPU)
+    assert got == getattr(torch, dtype) and scaler.is_enabled() == scaled  # float16 gets the scaler, as on a T4
+    assert (getattr(autocast, "fast_dtype", torch.float32), getattr(autocast, "device", "cpu")) == (got, "cpu")
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")), reason="reads /proc/cpuinfo of x86"
+)
+def test_the_bfloat16_probe_says_what_the_cpu_says():
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    assert gpt.cpu_has_bfloat16() == ("avx512_bf16" in flags or "amx_tile" in flags)
+
+
+def test_mixed_precision_on_apple_gpus_is_refused_in_one_line():
+    with pytest.raises(gpt.UserError, match=r"^--dtype=float16 is not supported on mps here; use --dtype=float32 "):
+        gpt.precision(gpt.Config(dtype="float16"), torch.device("mps"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_mixed_precision_run_interrupted_and_resumed_is_the_unbroken_run(dtype, corpus, tmp_path, monkeypatch):
+    """bfloat16, and float16 with its gradient scaler, end to end on the CPU: stopped by Ctrl-C at step 15 and
+    resumed, the run ends with the losses, the weights and the scaler's state of the unbroken one, bit for bit."""
+    args = [*TINY, f"--data={corpus}", f"--dtype={dtype}", "--max_iters=30", "--dropout=0.1"]
+    assert gpt.main([*args, f"--out_dir={tmp_path / 'whole'}"]) == 0
+    interrupt_during_step(monkeypatch, 15)
+    assert gpt.main([*args, f"--out_dir={tmp_path / 'cut'}"]) == 130
+    monkeypatch.undo()
+    last = gpt.load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert last["step"] == 15
+    # float16's scaler has counted 15 updates without an overflow (at 2,000 it doubles the scale); bfloat16 has none
+    assert last["scaler"] == ({"scale": 65536.0, "_growth_tracker": 15} if dtype == "float16" else {}) | last["scaler"]
+    assert gpt.main([*args, f"--out_dir={tmp_path / 'cut'}", "--resume"]) == 0
+    assert without_timing(tmp_path / "cut") == without_timing(tmp_path / "whole")
+    assert same_weights(tmp_path / "cut", tmp_path / "whole")
+    scalers = [gpt.load_checkpoint(tmp_path / name / "ckpt.pt")["scaler"] for name in ("cut", "whole")]
+    assert scalers[0] == scalers[1]  # counted on from 15, not from 0
+
+
+def test_a_float16_run_resumes_with_the_loss_scale_it_had(corpus, tmp_path):
+    """A float16 run whose scale backed off to 1,024 (overflowing updates, each one skipped, halve it) goes on at
+    1,024 when resumed. Started over at 65,536, it would skip its next updates until the scale came down again."""
+    out_dir = tmp_path / "out"
+    common = [*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--dtype=float16", "--eval_interval=5"]
+    assert gpt.main([*common, "--max_iters=5"]) == 0
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == 65536.0
+    ckpt["scaler"]["scale"] = 1024.0
+    torch.save(ckpt, out_dir / "ckpt.pt")
+    assert gpt.main([*common, "--resume", "--max_iters=10"]) == 0
+    assert gpt.load_checkpoint(out_dir / "ckpt.pt")["scaler"]["scale"] == 1024.0
+
+
+def has_a_cpp_compiler():
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not has_a_cpp_compiler(), reason="torch.compile on a CPU needs a C++ compiler (g++ or clang++)")
+def test_a_real_torch_compile_on_the_cpu_trains_as_the_eager_model_does(corpus, tmp_path, capsys):
+    """The GPU's default path, compiled by Inductor into C++ for this CPU: it compiles (no fallback), trains, and
+    its losses agree with the eager model's (fused kernels round differently, so not to the last bit)."""
+    args = [*TINY, f"--data={corpus}", "--max_iters=6", "--eval_interval=3", "--n_layer=1"]
+    torch._dynamo.reset()
+    try:
+        assert gpt.main([*args, "--compile=true", f"--out_dir={tmp_path / 'compiled'}"]) == 0
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "| compile on |" in out and "torch.compile failed" not in out
+    assert gpt.main([*args, "--compile=false", f"--out_dir={tmp_path / 'eager'}"]) == 0
+    compiled, eager = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [0, 3, 6]
+    for c, e in zip(compiled, eager, strict=True):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], abs=2e-3)
+        assert c["val_loss"] == pytest.approx(e["val_loss"], abs=2e-3)
