@@ -2,18 +2,24 @@
 
     python bench.py                                   the default model on the best device here
     python bench.py --device=cpu --batch_size=8 --steps=3 --json=bench.json
+    python bench.py --text_mb=1,100,1000              what the size of the text costs before training
 
-It takes gpt.py's hyperparameters by the same names (--name=value), plus two of its own: --steps=N, the
-number of timed training steps (default: 50 on CUDA, 5 elsewhere, after a few untimed warm-up steps), and
---json=PATH, to write the figures as one JSON object. The run is built by gpt.Run, as `python gpt.py` builds
-it (precision, fused optimizer, torch.compile, tried once at setup). Its weights are random, which does not
-change the speed; its vocabulary is that of the training text, since sampling needs one. Sampling writes
---max_new_tokens characters (500) after --prompt (a newline), with the KV cache and without.
+It takes gpt.py's hyperparameters by the same names (--name=value), plus three of its own: --steps=N, the number of
+timed training steps (default: 50 on CUDA, 5 elsewhere, after a few untimed warm-up steps); --json=PATH, to write
+the figures as one JSON object; and --text_mb=SIZES, which measures instead a 1-step run of a tiny model on tiny
+Shakespeare (or --data) repeated to each size in MB. The run is built by gpt.Run, as `python gpt.py` builds it
+(precision, fused optimizer, torch.compile, tried once at setup). Its weights are random, which does not change the
+speed; its vocabulary is that of the training text, since sampling needs one. Sampling writes --max_new_tokens
+characters (500) after --prompt (a newline), with the KV cache and without.
 """
 
 import json
+import os
 import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +34,7 @@ from gpt import UserError
 class BenchConfig(gpt.Config):
     steps: int | None = None  # timed training steps; unset: 50 on CUDA, 5 elsewhere
     json: str | None = None  # write the figures to this file as one JSON object
+    text_mb: str | None = None  # instead: what a text's size costs before training, e.g. 1,100,1000 (MB)
 
 
 def parse_args(argv):
@@ -39,6 +46,12 @@ def parse_args(argv):
         raise UserError(f"--json={cfg.json} is not a file name; name a file to write")
     if cfg.json is not None and not Path(cfg.json).parent.is_dir():
         raise UserError(f"--json={cfg.json}: the folder {Path(cfg.json).parent} does not exist")
+    try:
+        sizes = [float(mb) for mb in cfg.text_mb.split(",")] if cfg.text_mb is not None else []
+    except ValueError:
+        sizes = [0]
+    if not all(mb > 0 for mb in sizes):
+        raise UserError(f"--text_mb={cfg.text_mb} is not a list of sizes in MB; give some, as in --text_mb=1,100,1000")
     gpt.check_config(cfg)
     return cfg
 
@@ -76,7 +89,7 @@ def bench(cfg):
         "dtype": str(run.dtype).removeprefix("torch."),
         "compile": run.compiled,
         "params": sum(p.numel() for p in run.raw_model.parameters()),
-        "config": asdict(gpt.Config(**{k: v for k, v in asdict(cfg).items() if k not in ("steps", "json")})),
+        "config": asdict(gpt.Config(**{k: v for k, v in asdict(cfg).items() if k in gpt.Config.__annotations__})),
         "weights": "random",
     }
     result |= training(run, cfg.steps or (50 if device.type == "cuda" else 5))
@@ -145,6 +158,41 @@ def sampling(run):
     }
 
 
+def setup_cost(cfg, repeats=3):
+    """What a text's size costs before training: tiny Shakespeare (or --data) repeated to each size, and a 1-step run of
+    a tiny model on it in a fresh process (repeats times, the median kept), its wall time and its peak memory."""
+    text, rows = gpt.text_file(cfg.data).read_bytes(), []
+    tiny = ["--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=1"]
+    tiny += ["--eval_iters=1", "--max_new_tokens=1", f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for mb in (float(size) for size in cfg.text_mb.split(",")):
+            path, copies = Path(tmp) / "text.txt", max(1, round(mb * 1e6 / len(text)))  # whole copies: whole characters
+            with open(path, "wb") as f:
+                for _ in range(copies):
+                    f.write(text)
+            runs = []
+            for i in range(repeats):
+                command = [sys.executable, gpt.__file__, f"--data={path}", *tiny, f"--out_dir={tmp}/out{i}"]
+                t = time.perf_counter()
+                proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                _, status, usage = os.wait4(proc.pid, 0)  # the resources of this child alone
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise UserError(f"the run on {mb:g} MB failed; try it by hand: {' '.join(command)}")
+                runs.append((time.perf_counter() - t, usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)))
+            wall, peak = (statistics.median(x) for x in zip(*runs, strict=True))
+            rows.append({"text_mb": copies * len(text) / 1e6, "wall_s": wall, "peak_mem_mb": peak})
+    return rows
+
+
+def setup_table(rows):
+    """The figures of setup_cost as a Markdown table, each size also against the first."""
+    lines = ["| text | wall time, start to end | peak memory | more than the first |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        more = f"{r['wall_s'] - rows[0]['wall_s']:+.1f} s, {(r['peak_mem_mb'] - rows[0]['peak_mem_mb']) / 1024:+.2f} GB"
+        lines.append(f"| {r['text_mb']:,.0f} MB | {r['wall_s']:.1f} s | {r['peak_mem_mb'] / 1024:.2f} GB | {more} |")
+    return "\n".join(lines)
+
+
 def table(r):
     """The figures, as lines a person reads."""
     c = r["config"]
@@ -172,8 +220,8 @@ def table(r):
 def main(argv=None):
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        result = bench(cfg)
-        print(table(result))
+        result = setup_cost(cfg) if cfg.text_mb else bench(cfg)
+        print(setup_table(result) if cfg.text_mb else table(result))
         if cfg.json:
             try:
                 Path(cfg.json).write_text(json.dumps(result, indent=2) + "\n")

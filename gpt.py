@@ -12,6 +12,7 @@ Transformer learns to continue tiny Shakespeare one character at a time, then wr
 """
 
 import argparse
+import codecs
 import contextlib
 import hashlib
 import json
@@ -25,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 import torch.distributed as dist
@@ -63,6 +65,7 @@ class Config:
     gradient_accumulation_steps: int = 1  # micro-batches summed into one optimizer step
     eval_interval: int = 500  # estimate train and val loss every this many steps
     eval_iters: int = 200  # batches averaged for each loss estimate
+    eval_sample: int = 80  # characters the model writes at every evaluation, under the progress line; 0: none
     seed: int = 1337  # fixes the initial weights, the batches, dropout and sampling
     # system
     device: str = "auto"  # auto: cuda if present, then mps (Apple), then cpu; or name one
@@ -70,6 +73,7 @@ class Config:
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA under Linux, off elsewhere
     out_dir: str = "out"  # where ckpt.pt (best val), last.pt (on interrupt) and metrics.jsonl go
     resume: bool = False  # continue from the newest checkpoint in out_dir
+    init_from: str = ""  # fine-tune: a new run that starts from this checkpoint's weights, shape and vocabulary
     # sampling
     sample: bool = False  # write text from out_dir/ckpt.pt instead of training
     prompt: str = "\n"  # every sample starts with this text
@@ -129,7 +133,7 @@ def get_batch(data, batch_size, block_size, generator):
     Position t of a window is a training example with context x[:t+1] and answer y[t], so one window of
     block_size characters holds block_size examples. The windows are gathered in one indexing operation."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)  # starts
-    windows = data[ix[:, None] + torch.arange(block_size + 1, device=data.device)]  # (B,T+1)
+    windows = data[ix[:, None] + torch.arange(block_size + 1, device=data.device)].long()  # (B,T+1) as int64
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -334,7 +338,7 @@ def train(overrides, defaults=None, make_model=GPT):
     splits = {"train": run.train_data, "val": run.val_data}
     stop = StopRequest(run.world_size, quiet=not run.master)  # Ctrl-C or SIGTERM: stop after this step, and save
     try:
-        progress = Progress(run)  # ms/it, tok/s, MFU, ETA, metrics.jsonl, and a watch on the loss
+        progress = Progress(run, stop)  # ms/it, tok/s, MFU, ETA, a line of text, metrics.jsonl, a watch on the loss
         for step in range(run.start_step, cfg.max_iters + 1):
             # the learning rate: a linear warm-up, then a cosine decay
             lr = get_lr(step, cfg)
@@ -375,7 +379,7 @@ def train(overrides, defaults=None, make_model=GPT):
 
 
 # ---- 5. Sampling: the model writes, one character at a time.
-def sample_next(logits, temperature=1.0, top_k=None):
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """The next characters (B,1), drawn from the logits (B,vocab_size) of each sequence's last position."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # greedy: always the likeliest
@@ -383,15 +387,16 @@ def sample_next(logits, temperature=1.0, top_k=None):
     if top_k is not None:  # forbid all but the top_k likeliest (top_k above the vocabulary: all)
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
     """Yield the next characters (B,1) one at a time, each sampled from the model's prediction after all before
     it, for any model with a block_size that maps idx (B,T) to logits (B,T,vocab_size): the GPT, the bigram.
     As in the lecture, each step runs the context, cropped to block_size, through the model; a GPT keeps a KV
-    cache instead (Part 2) and feeds it only what the cache lacks, usually the newest character."""
+    cache instead (Part 2) and feeds it only what the cache lacks, usually the newest character. The random draws
+    come from `generator`, or else from torch's default one."""
     was_training = model.training
     model.eval()  # no dropout while sampling
     cache = KVCache(model.block_size) if use_cache and isinstance(model, GPT) else None
@@ -401,7 +406,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=Tr
                 logits, _ = model(idx[:, -model.block_size :])
             else:
                 logits, _ = model(cache.uncached(idx), cache=cache)
-            idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k)  # (B,1)
+            idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, generator)  # (B,1)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
     finally:
@@ -487,7 +492,7 @@ def check_config(cfg):
         raise UserError(f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    for name in ("warmup_iters", "weight_decay", "grad_clip"):
+    for name in ("warmup_iters", "weight_decay", "grad_clip", "eval_sample"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.beta2 < 1:
@@ -542,8 +547,8 @@ def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
     write_atomically(Path(path), lambda f: f.write(response.content))
 
 
-def load_text(path=""):
-    """The training text: the file at `path` (--data), or tiny Shakespeare, downloaded on first use."""
+def text_file(path=""):
+    """The training text's file: the one at `path` (--data), or tiny Shakespeare, downloaded on first use."""
     if not path and not DEFAULT_DATA.exists():
         print(f"downloading tiny Shakespeare to {DEFAULT_DATA}")
         download(DEFAULT_DATA)
@@ -552,14 +557,72 @@ def load_text(path=""):
         raise UserError(f"--data={path} is a folder; name a text file")
     if not path.is_file():
         raise UserError(f"--data={path}: no such file")
+    return path
+
+
+def not_utf8(path, offset, byte):
+    return UserError(f"{path} is not UTF-8 text (byte {byte:#04x} at offset {offset}); convert it to UTF-8 first")
+
+
+def load_text(path=""):
+    """The whole training text as one string, for the notebooks (training reads it with read_corpus)."""
+    path = text_file(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        where = f"byte {e.object[e.start]:#04x} at offset {e.start}"
-        raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
+        raise not_utf8(path, e.start, e.object[e.start]) from None
     if not text:
         raise UserError(f"{path} is empty; train on a file with some text in it")
     return text
+
+
+def read_corpus(path="", chars=None, chunk_size=1 << 22):
+    """The training text as its vocabulary and the ids of its characters, in the smallest integer type that holds
+    them (one byte for up to 256 characters), without a Python string of it: numpy counts, then encodes, the file a
+    few MB at a time, so that a gigabyte of text takes seconds and about a gigabyte of memory. The vocabulary is the
+    sorted set of characters, as CharTokenizer.from_text makes it, or `chars` (a checkpoint's), which the text must
+    keep to."""
+    path = text_file(path)
+    counts = np.zeros(0x110000, dtype=np.int64)  # how often each Unicode character occurs
+    for points in code_points(path, chunk_size):
+        found = np.bincount(points)
+        counts[: len(found)] += found
+    if not counts.any():
+        raise UserError(f"{path} is empty; train on a file with some text in it")
+    found = "".join(map(chr, np.flatnonzero(counts)))
+    missing = sorted(set(found) - set(chars or found))
+    if missing:
+        shown = " ".join(map(repr, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        advice = "use a text without them, or train a new model (no --resume, no --init_from)"
+        raise UserError(f"{path} has {len(missing)} character(s) the model never saw: {shown}; {advice}")
+    chars = chars or found
+    lookup = np.zeros(0x110000, np.uint8 if len(chars) <= 256 else np.int16 if len(chars) <= 2**15 else np.int32)
+    lookup[[ord(c) for c in chars]] = np.arange(len(chars))
+    ids, start = np.empty(counts.sum(), lookup.dtype), 0
+    for points in code_points(path, chunk_size):
+        ids[start : start + len(points)] = lookup[points]
+        start += len(points)
+    return chars, torch.from_numpy(ids)
+
+
+def code_points(path, chunk_size):
+    """The characters of a UTF-8 file as numpy arrays of their Unicode code points, a chunk of the file at a time."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            held = decoder.getstate()[0]  # the first bytes of a character that the last chunk cut in two
+            if chunk and not held and chunk.isascii():  # a byte is a character
+                yield np.frombuffer(chunk, np.uint8)
+            else:
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise not_utf8(path, offset - len(held) + e.start, e.object[e.start]) from None
+                yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def save_checkpoint(path, state):
@@ -570,12 +633,12 @@ def save_checkpoint(path, state):
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is untouched") from None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, hint="point --out_dir at its folder"):
     """A checkpoint as a dict. weights_only=True lets torch.load build tensors and plain containers only,
     so a file crafted to run code when unpickled is refused instead of run."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train first (python gpt.py), or point --out_dir at its folder")
+        raise UserError(f"no checkpoint at {path}: train first (python gpt.py), or {hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "config", "vocab", "step"} - set(ckpt)
@@ -613,6 +676,19 @@ def config_from(ckpt, overrides):
     the machine it is started on, so that a checkpoint made on a GPU resumes on a laptop (and back)."""
     known = {f.name for f in fields(Config)} - {"device"}
     return replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}), **overrides)
+
+
+def fine_tuned_shape(init, overrides, path):
+    """The settings that shape the model, from the checkpoint it is fine-tuned from; the command line may not change
+    them."""
+    shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
+    for name, value in shape.items():
+        if overrides.get(name, value) != value:
+            keep = "leave it out: fine-tuning keeps the model's shape"
+            raise UserError(
+                f"--{name}={overrides[name]} contradicts --init_from={path}, whose {name} is {value}; {keep}"
+            )
+    return shape
 
 
 def load_model_state(model, ckpt, path):
@@ -809,31 +885,32 @@ def out_of_memory(cfg):
 
 # ---- Setting up a run: one way to build it, for gpt.py and bench.py alike.
 class Run:
-    """A training run: settings, device, precision, data, model, optimizer and random states (ckpt's when
-    resuming). `model` is what training and evaluation call: `raw_model`, compiled if it is to be, and
-    wrapped in DDP with several processes; `raw_model` is the plain module, whose weights are saved."""
+    """A training run: settings, device, precision, data, model, optimizer and random states (ckpt's when resuming;
+    init's weights and vocabulary when fine-tuning). `model` is what training and evaluation call: `raw_model`,
+    compiled if it is to be, and wrapped in DDP with several processes; `raw_model` is the plain module, whose weights
+    are saved."""
 
-    def __init__(self, cfg, device, make_model=GPT, ckpt=None, rank=0, world_size=1, check_prompt=True):
+    def __init__(self, cfg, device, make_model=GPT, ckpt=None, rank=0, world_size=1, check_prompt=True, init=None):
         self.cfg, self.device, self.rank, self.world_size, self.lock = cfg, device, rank, world_size, None
         self.master, self.out_dir = rank == 0, Path(cfg.out_dir)  # only rank 0 prints, writes files and samples
         self.t_start = time.time() - (ckpt["elapsed_s"] if ckpt else 0.0)  # less the time of the runs it continues
         self.dtype, self.autocast, self.scaler = precision(cfg, device)
-        self.text = load_text(cfg.data)
-        self.tokenizer = CharTokenizer.from_text(self.text)
-        if ckpt and ckpt["vocab"] != self.tokenizer.chars:
-            advice = "resume on the same text, or train into another --out_dir"
-            raise UserError(f"the checkpoint in {cfg.out_dir}/ was trained on a text with another vocabulary; {advice}")
+        chars, ids = read_corpus(cfg.data, (ckpt or init or {}).get("vocab"))  # a checkpoint's model keeps its own
+        self.tokenizer = CharTokenizer(chars)
         if check_prompt:  # the final sample starts with it: refuse a bad one now, not after training
             encode_prompt(self.tokenizer, cfg.prompt)
-        # the whole corpus lives on the device (9 MB as int64 for tiny Shakespeare): batches never cross the bus
-        ids = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long, device=device)
-        self.train_data, self.val_data = split_data(ids)
+        first = self.tokenizer.decode([int(ids[0])])  # the samples' prompt where the text has no newline: its start
+        self.prompt = cfg.prompt if set(cfg.prompt) <= self.tokenizer.stoi.keys() else first
+        # the whole corpus lives on the device, 1 byte per character for tiny Shakespeare: batches never cross the bus
+        self.train_data, self.val_data = split_data(ids.to(device))
         if len(self.val_data) <= cfg.block_size:
             why = f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}"
-            too_few = f"{cfg.data or DEFAULT_DATA} has {len(self.text)} characters: too few for block_size {why}"
+            too_few = f"{cfg.data or DEFAULT_DATA} has {len(ids)} characters: too few for block_size {why}"
             raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.raw_model = make_model(self.tokenizer.vocab_size, cfg).to(device)
+        if init:  # fine-tuning: the weights of a trained model, and from here on a new run
+            load_model_state(self.raw_model, init, cfg.init_from)
         self.optimizer = make_optimizer(self.raw_model, cfg, device.type)
         # one generator for the batches, seeded alike everywhere: all processes draw the same global batch
         self.batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -904,9 +981,8 @@ class Run:
         self.raw_model.load_state_dict(best["model"])
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
         torch.manual_seed(cfg.seed)
-        prompt = cfg.prompt if set(cfg.prompt) <= self.tokenizer.stoi.keys() else self.text[0]  # no newline in text
         print_sample(
-            self.raw_model, self.tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.device
+            self.raw_model, self.tokenizer, self.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.device
         )
         summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
         print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
@@ -926,12 +1002,21 @@ def setup(overrides, defaults=None, make_model=GPT):
     device, rank, world_size = setup_distributed(cfg.device)
     ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir), world_size) if cfg.resume else None
     if ckpt:  # the checkpoint's settings (model shape above all), then what the command line changes
+        started = ckpt["config"].get("init_from", "")  # a fine-tuning run resumes as itself, not from init_from again
+        if overrides.get("init_from", started) != started:
+            where = f"from --init_from={started}" if started else "from scratch"
+            new_run = "leave out --resume to start a new run from it (in another --out_dir)"
+            raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
         cfg = config_from(ckpt, {"device": cfg.device, **overrides})
         check_config(cfg)
+    hint = "name the ckpt.pt of a trained run"
+    init = from_rank_0(lambda: load_checkpoint(cfg.init_from, hint), world_size) if cfg.init_from and not ckpt else None
+    if init:  # fine-tuning: the model's shape is the checkpoint's
+        cfg = replace(cfg, **fine_tuned_shape(init, overrides, cfg.init_from))
     if rank == 0 and (Path(cfg.out_dir) / "train.lock").exists():  # in use? say so now, not after compiling
         with contextlib.suppress(OSError):  # a folder we cannot write to is refused below, with its own error
             lock_out_dir(Path(cfg.out_dir)).close()
-    run = Run(cfg, device, make_model, ckpt, rank, world_size, check_prompt="prompt" in overrides)
+    run = Run(cfg, device, make_model, ckpt, rank, world_size, check_prompt="prompt" in overrides, init=init)
     if run.master:
         run.lock = prepare_out_dir(run.out_dir, ckpt["step"] if ckpt else None)
     return run
@@ -1019,8 +1104,8 @@ class Progress:
     (compiling happens before step 0); elapsed_s in metrics.jsonl counts everything. A loss that is not
     finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
 
-    def __init__(self, run):
-        self.run, cfg, n = run, run.cfg, run.world_size
+    def __init__(self, run, stop=None):
+        self.run, self.stop, cfg, n = run, stop, run.cfg, run.world_size
         sequences = cfg.batch_size * cfg.gradient_accumulation_steps * n  # the effective batch
         self.tokens_per_iter = sequences * cfg.block_size
         self.flops_per_gpu = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter / n  # each GPU's share
@@ -1069,12 +1154,14 @@ class Progress:
             raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
 
     def pause(self, step):
-        """Before an evaluation: the time per step since the last one, and a stop if a loss was not finite."""
+        """Before an evaluation: the time per step since the last one, a stop if a loss was not finite, and the line
+        of text (rank 0), drawn first so that a Ctrl-C that cuts it short also abandons the evaluation after it."""
         synchronize(self.run.device)  # so that the clock measures the steps, not just their launch
         if step > self.step_last:
             self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
         self.check_finite()
         self.t_eval = time.time()
+        self.text = sample_line(self.run, self.stop) if self.run.master and self.run.cfg.eval_sample else None
 
     def report(self, step, losses, lr):
         """After an evaluation: the progress line, and the same figures as a row of metrics.jsonl."""
@@ -1087,9 +1174,11 @@ class Progress:
             left = cfg.max_iters - step
             line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
         run.log(line, flush=True)
+        if self.text is not None:  # as a JSON string: newlines show as \n, and it stays on one line
+            run.log(f"  {json.dumps(self.text, ensure_ascii=False)}", flush=True)
         row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
         row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - run.t_start, 2))
-        row |= dict(ms_per_iter=ms and round(ms, 2))
+        row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
         try:
             if run.master:  # one line of JSON per evaluation, for plots and scripts
                 with open(run.out_dir / "metrics.jsonl", "a") as f:
@@ -1132,6 +1221,20 @@ class KVCache:
             k, v = torch.cat([self.kv[layer][0], k], dim=2), torch.cat([self.kv[layer][1], v], dim=2)
         self.kv[layer] = (k, v)
         return k, v
+
+
+def sample_line(run, stop=None):
+    """A line of the model's own writing, shown at every evaluation: eval_sample characters after the prompt, drawn
+    with the KV cache from a generator of their own, seeded alike every time (the same slot of text grows up, and
+    training's random numbers are left alone). A Ctrl-C cuts it short within a character."""
+    generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
+    idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
+    text, cfg = run.prompt, run.cfg
+    for idx_next in stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator):
+        text += run.tokenizer.decode(idx_next[0].tolist())
+        if stop is not None and stop.signum:
+            break
+    return text
 
 
 def encode_prompt(tokenizer, prompt):

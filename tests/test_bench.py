@@ -75,7 +75,7 @@ def test_a_bad_flag_is_one_line_and_exit_1():
     assert r.returncode == 1
     assert r.stdout == ""
     assert r.stderr.startswith("error: unrecognized arguments: --stepz=3. Valid names: data block_size ")
-    assert r.stderr.endswith(" num_samples steps json\n")  # gpt.py's names, then bench.py's own
+    assert r.stderr.endswith(" num_samples steps json text_mb\n")  # gpt.py's names, then bench.py's own
     assert r.stderr.count("\n") == 1
 
 

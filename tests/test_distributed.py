@@ -385,6 +385,7 @@ def test_torchrun_prints_once_and_writes_one_checkpoint_and_one_metrics_file(run
     for start in ("batch ", "sample from the best model (step 6,", "final: "):
         assert sum(line.startswith(start) for line in lines) == 1, a.stdout()
     assert sum("parameters | device cpu" in line for line in lines) == 1
+    assert sum(line.startswith('  "') for line in lines) == 3  # a line of text per evaluation, from rank 0 alone
 
 
 def test_resume_with_two_processes_continues_exactly(runs):

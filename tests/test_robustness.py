@@ -271,14 +271,14 @@ def test_checkpoint_of_another_shape(mode, out, corpus, capsys):
     assert message.endswith("use the settings it was trained with, or another --out_dir")
 
 
-def test_checkpoint_with_another_vocabulary(out, tmp_path, capsys):
+def test_a_text_with_characters_the_checkpoint_never_saw(out, tmp_path, capsys):
+    """The model knows the characters of the text it was trained on, and no others: a text with more is refused,
+    naming them. (Fewer is fine: a fine-tuning run's text is a part of the large text's vocabulary.)"""
     other = tmp_path / "other.txt"
-    other.write_text("the quick brown fox jumps over the lazy dog\n" * 10)
+    other.write_text("the quick brown fox jumps over the lazy dog, 1 2 3 4 5\n" * 10)
     message = refused(capsys, [*TRAIN, f"--data={other}", f"--out_dir={out}", "--resume"], out, tmp_path)
-    assert message == (
-        f"the checkpoint in {out}/ was trained on a text with another vocabulary; resume on the same text, or "
-        f"train into another --out_dir"
-    )
+    advice = "use a text without them, or train a new model (no --resume, no --init_from)"
+    assert message == f"{other} has 4 character(s) the model never saw: '1' '2' '4' '5'; {advice}"
 
 
 # ---- checkpoints that cannot be abused or lost -----------------------------------------------------------------
