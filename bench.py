@@ -124,16 +124,24 @@ def training(run, steps):
 
 
 def evaluation(run, steps, train_ms):
-    """Evaluation as gpt.train runs it (eval_iters batches of each split, without gradients, under autocast), and
-    its share of a whole run with these settings."""
+    """Evaluation as gpt.train runs it (eval_iters batches of each split, without gradients, under autocast; then the
+    line of text, eval_sample characters), and the shares of a whole run with these settings that each takes."""
     cfg, splits = run.cfg, {"train": run.train_data, "val": run.val_data}
     gpt.estimate_loss(run.model, splits, replace(cfg, eval_iters=1), run.batch_gen, run.autocast)  # warm-up
     timed_cfg = replace(cfg, eval_iters=steps)  # 2 * steps batches
     eval_s = timed(run.device, lambda: gpt.estimate_loss(run.model, splits, timed_cfg, run.batch_gen, run.autocast))
     eval_ms = 1000 * eval_s / (2 * steps)
-    eval_run_s = gpt.count_evaluations(cfg) * 2 * cfg.eval_iters * eval_ms / 1000  # a whole run's evaluations
-    share = eval_run_s / (eval_run_s + cfg.max_iters * train_ms / 1000)
-    return {"eval_ms_per_batch": eval_ms, "eval_batches_timed": 2 * steps, "eval_share_of_run": share}
+    line_s = [timed(run.device, lambda: gpt.sample_line(run)) for _ in range(2)][1] if cfg.eval_sample else 0.0
+    evals = gpt.count_evaluations(cfg)
+    eval_run_s, line_run_s = evals * 2 * cfg.eval_iters * eval_ms / 1000, evals * line_s  # a whole run's
+    run_s = cfg.max_iters * train_ms / 1000 + eval_run_s + line_run_s
+    return {
+        "eval_ms_per_batch": eval_ms,
+        "eval_batches_timed": 2 * steps,
+        "eval_share_of_run": eval_run_s / run_s,
+        "eval_sample_ms": 1000 * line_s,
+        "eval_sample_share_of_run": line_run_s / run_s,
+    }
 
 
 def sampling(run):
@@ -161,7 +169,7 @@ def sampling(run):
 def setup_cost(cfg, repeats=3):
     """What a text's size costs before training: tiny Shakespeare (or --data) repeated to each size, and a 1-step run of
     a tiny model on it in a fresh process (repeats times, the median kept), its wall time and its peak memory."""
-    text, rows = gpt.text_file(cfg.data).read_bytes(), []
+    text, rows = gpt.load_text(cfg.data).encode(), []  # downloaded and checked on first use
     tiny = ["--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=1"]
     tiny += ["--eval_iters=1", "--max_new_tokens=1", f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +218,8 @@ def table(r):
         f"{r['train_tokens_per_s']:,.0f} tokens/s | {mfu}",
         f"peak memory    {r['peak_mem_mb']:,.0f} MB ({r['peak_mem_kind']})",
         f"evaluation     {r['eval_ms_per_batch']:.1f} ms/batch | {100 * r['eval_share_of_run']:.0f}% of a whole run "
-        f"({c['max_iters']} steps, {2 * c['eval_iters']} batches every {c['eval_interval']})",
+        f"({c['max_iters']} steps, {2 * c['eval_iters']} batches every {c['eval_interval']}) | its line of "
+        f"{c['eval_sample']} characters {r['eval_sample_ms']:.0f} ms, {100 * r['eval_sample_share_of_run']:.2f}%",
         f"sampling       {r['sample_new_tokens']} new tokens: {r['sample_tokens_per_s_cached']:,.1f} tokens/s with "
         f"the KV cache, {r['sample_tokens_per_s_uncached']:,.1f} without: {r['sample_cache_speedup']:.1f}x",
     ]

@@ -86,15 +86,15 @@ class Config:
 # The lecture's gpt.py, for comparison: batch_size=64 block_size=256 max_iters=5000 eval_interval=500
 # learning_rate=3e-4 (constant) eval_iters=200 n_embd=384 n_head=6 n_layer=6 dropout=0.2 -> val 1.48.
 
-# A run that fits a laptop: val 1.73 in about 2 minutes on two CPU cores (README: "What to expect"): a smaller
+# A run that fits a laptop: val 1.74 in about 2 minutes on two CPU cores (README: "What to expect"): a smaller
 # model, no dropout, a higher learning rate. command_line(CPU_RECIPE) spells it out as the command to type.
 CPU_RECIPE = replace(Config(), block_size=64, batch_size=16, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
 CPU_RECIPE = replace(CPU_RECIPE, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, eval_iters=20, device="cpu")
-CPU_RECIPE = replace(CPU_RECIPE, out_dir="out-cpu")  # its own folder: it does not resume the default run
+CPU_RECIPE = replace(CPU_RECIPE, eval_interval=250, out_dir="out-cpu")  # its own folder: not the default run's
 
 
-# ---- 2. Data: the text (load_text, in Part 2, downloads tiny Shakespeare on first use), its characters as
-# integers, and random batches of windows.
+# ---- 2. Data: the text, its characters as integers, and random batches of windows. (Part 2's read_corpus reads a
+# text of any size into the same integers with numpy, and downloads tiny Shakespeare on first use.)
 class CharTokenizer:
     """Characters <-> integers. The vocabulary is the sorted set of characters in the text (65 for tiny
     Shakespeare); it is saved with every checkpoint, since the model only knows these integers."""
@@ -446,15 +446,14 @@ def _converter(kind):
     """argparse's converter for a field of this type; bool takes 1/0, true/false, yes/no, on/off, and a field
     that may be unset (int | None) also takes the word none."""
     base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
     def convert(text):
         if text.lower() == "none" and base is not kind:
             return None
-        if base is not bool:
-            return base(text)
-        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if base is bool and text.lower() not in words:
             raise ValueError(text)  # argparse reports it: "invalid bool value: 'maybe'"
-        return text.lower() in ("1", "true", "yes", "on")
+        return words[text.lower()] if base is bool else base(text)
 
     convert.__name__ = base.__name__  # argparse names it in its errors: "invalid int value: 'ten'"
     return convert
@@ -490,13 +489,12 @@ def check_config(cfg):
         raise UserError(f"--learning_rate must be above 0, got {cfg.learning_rate}")
     if not 0 <= cfg.min_lr <= cfg.learning_rate:
         raise UserError(f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("dropout", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     for name in ("warmup_iters", "weight_decay", "grad_clip", "eval_sample"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.beta2 < 1:
-        raise UserError(f"--beta2 must be in [0, 1), got {cfg.beta2}")
     if cfg.temperature < 0:
         raise UserError(f"--temperature must be at least 0 (0 means greedy), got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k < 1:
@@ -547,42 +545,23 @@ def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
     write_atomically(Path(path), lambda f: f.write(response.content))
 
 
-def text_file(path=""):
-    """The training text's file: the one at `path` (--data), or tiny Shakespeare, downloaded on first use."""
+def load_text(path=""):
+    """The whole training text as one string, for the notebooks (training reads it with read_corpus)."""
+    chars, ids = read_corpus(path)
+    return CharTokenizer(chars).decode(ids.tolist())
+
+
+def read_corpus(path="", chars=None, chunk_size=1 << 22):
+    """The text at `path`, or tiny Shakespeare: its vocabulary (as CharTokenizer.from_text makes it, or `chars`, a
+    checkpoint's) and its ids in the smallest integer type that holds them, counted then encoded a chunk at a time."""
     if not path and not DEFAULT_DATA.exists():
         print(f"downloading tiny Shakespeare to {DEFAULT_DATA}")
         download(DEFAULT_DATA)
     path = Path(path or DEFAULT_DATA)
-    if path.is_dir():
-        raise UserError(f"--data={path} is a folder; name a text file")
     if not path.is_file():
-        raise UserError(f"--data={path}: no such file")
-    return path
-
-
-def not_utf8(path, offset, byte):
-    return UserError(f"{path} is not UTF-8 text (byte {byte:#04x} at offset {offset}); convert it to UTF-8 first")
-
-
-def load_text(path=""):
-    """The whole training text as one string, for the notebooks (training reads it with read_corpus)."""
-    path = text_file(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise not_utf8(path, e.start, e.object[e.start]) from None
-    if not text:
-        raise UserError(f"{path} is empty; train on a file with some text in it")
-    return text
-
-
-def read_corpus(path="", chars=None, chunk_size=1 << 22):
-    """The training text as its vocabulary and the ids of its characters, in the smallest integer type that holds
-    them (one byte for up to 256 characters), without a Python string of it: numpy counts, then encodes, the file a
-    few MB at a time, so that a gigabyte of text takes seconds and about a gigabyte of memory. The vocabulary is the
-    sorted set of characters, as CharTokenizer.from_text makes it, or `chars` (a checkpoint's), which the text must
-    keep to."""
-    path = text_file(path)
+        raise UserError(
+            f"--data={path} is a folder; name a text file" if path.is_dir() else f"--data={path}: no such file"
+        )
     counts = np.zeros(0x110000, dtype=np.int64)  # how often each Unicode character occurs
     for points in code_points(path, chunk_size):
         found = np.bincount(points)
@@ -618,7 +597,8 @@ def code_points(path, chunk_size):
                 try:
                     text = decoder.decode(chunk, final=not chunk)
                 except UnicodeDecodeError as e:
-                    raise not_utf8(path, offset - len(held) + e.start, e.object[e.start]) from None
+                    where = f"byte {e.object[e.start]:#04x} at offset {offset - len(held) + e.start}"
+                    raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
                 yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
             if not chunk:
                 return
@@ -678,19 +658,6 @@ def config_from(ckpt, overrides):
     return replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}), **overrides)
 
 
-def fine_tuned_shape(init, overrides, path):
-    """The settings that shape the model, from the checkpoint it is fine-tuned from; the command line may not change
-    them."""
-    shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
-    for name, value in shape.items():
-        if overrides.get(name, value) != value:
-            keep = "leave it out: fine-tuning keeps the model's shape"
-            raise UserError(
-                f"--{name}={overrides[name]} contradicts --init_from={path}, whose {name} is {value}; {keep}"
-            )
-    return shape
-
-
 def load_model_state(model, ckpt, path):
     try:
         model.load_state_dict(ckpt["model"])
@@ -732,11 +699,7 @@ def set_aside(out_dir):
     if not any(f.suffix == ".pt" for f in files):
         return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(f.stat().st_mtime for f in files)))
-    folder, n = out_dir / f"earlier-{stamp}", 1
-    while folder.exists():
-        n += 1
-        folder = out_dir / f"earlier-{stamp}-{n}"
-    folder.mkdir()
+    folder = Path(tempfile.mkdtemp(prefix=f"earlier-{stamp}-", dir=out_dir))  # a name no other folder has
     for f in files:
         f.rename(folder / f.name)
     names = ", ".join(f.name for f in files)
@@ -772,7 +735,7 @@ def resolve_device(name):
         raise UserError(f"--device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda, but this machine has no CUDA GPU; use --device=cpu (or leave it auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # cuda:N, N too large
         raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device=mps, but Apple's MPS is not available here; use --device=cpu (or leave it auto)")
@@ -782,10 +745,8 @@ def resolve_device(name):
 
 
 def precision(cfg, device):
-    """The training dtype, an autocast context that runs the matrix products in it, and a gradient scaler (float16
-    only: it scales the loss up so that small gradients do not round to 0). auto: bfloat16 on CUDA cards of compute
-    capability 8.0 on (is_bf16_supported() says yes to older cards that only emulate it, slowly) and on CPUs with
-    bfloat16 instructions; float16 on older CUDA cards; float32 elsewhere. Both run on any CPU, for tests above all."""
+    """The training dtype, an autocast context for the matrix products, and float16's gradient scaler. auto: bfloat16 on
+    CUDA cards from compute capability 8.0 and on CPUs that have it; float16 on older cards; float32 elsewhere."""
     if cfg.dtype in ("bfloat16", "float16") and device.type == "mps":
         raise UserError(f"--dtype={cfg.dtype} is not supported on mps here; use --dtype=float32 (or leave it auto)")
     dtype = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype)
@@ -812,10 +773,9 @@ def synchronize(device):
 
 
 def compile_model(raw_model, cfg, device, autocast, data, log):
-    """raw_model compiled if cfg says so (unset: on CUDA under Linux), and whether it is. Compiling happens at the
-    first call, so it is tried here, once, forward and backward on a batch of the training shape: step 0 finds
-    the graph ready, and where compiling fails (no C compiler, no Triton) training goes on without it. The
-    trial's batch comes from its own generator, and fork_rng restores what its dropout drew."""
+    """raw_model compiled if cfg says so (unset: on CUDA under Linux), and whether it is. Compiling happens at the first
+    call: tried here, forward and backward on a batch of its own (fork_rng restores what its dropout drew), so step 0
+    finds it ready, and where it fails (no C compiler, no Triton) training goes on without it."""
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
         return raw_model, False
     model = torch.compile(raw_model)  # the model's Python becomes fused kernels
@@ -885,10 +845,8 @@ def out_of_memory(cfg):
 
 # ---- Setting up a run: one way to build it, for gpt.py and bench.py alike.
 class Run:
-    """A training run: settings, device, precision, data, model, optimizer and random states (ckpt's when resuming;
-    init's weights and vocabulary when fine-tuning). `model` is what training and evaluation call: `raw_model`,
-    compiled if it is to be, and wrapped in DDP with several processes; `raw_model` is the plain module, whose weights
-    are saved."""
+    """A training run: settings, device, precision, data, model, optimizer, random states (ckpt's when resuming).
+    `model` is what training calls: `raw_model` (the plain module, whose weights are saved), compiled, in DDP."""
 
     def __init__(self, cfg, device, make_model=GPT, ckpt=None, rank=0, world_size=1, check_prompt=True, init=None):
         self.cfg, self.device, self.rank, self.world_size, self.lock = cfg, device, rank, world_size, None
@@ -933,9 +891,9 @@ class Run:
             self.batch_gen.set_state(rng["batches"])
         else:  # each kind of device has a generator of its own kind
             self.batch_gen.manual_seed(self.cfg.seed + ckpt["step"])
+            saved = f"the checkpoint was saved on {rng.get('device', 'another device')} and resumes on {here}"
             self.log(
-                f"warning: the checkpoint was saved on {rng.get('device', 'another device')} and resumes on "
-                f"{here}: the batches are drawn afresh and will not replay exactly those of an unbroken run"
+                f"warning: {saved}: the batches are drawn afresh and will not replay exactly those of an unbroken run"
             )
         torch.set_rng_state(rng["torch"])
         if here == "cuda" and "cuda" in rng:
@@ -977,13 +935,11 @@ class Run:
             losses = estimate_loss(self.model, splits, self.cfg, self.batch_gen, self.autocast)
         wall, cfg = time.time() - self.t_start, self.cfg
         stop.at_once = True  # nothing is left to save: a Ctrl-C from here on stops the sample at once
-        best = load_checkpoint(self.out_dir / "ckpt.pt")
-        self.raw_model.load_state_dict(best["model"])
+        best, model = load_checkpoint(self.out_dir / "ckpt.pt"), self.raw_model
+        model.load_state_dict(best["model"])
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
         torch.manual_seed(cfg.seed)
-        print_sample(
-            self.raw_model, self.tokenizer, self.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.device
-        )
+        print_sample(model, self.tokenizer, self.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.device)
         summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
         print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
         return 0
@@ -1011,8 +967,13 @@ def setup(overrides, defaults=None, make_model=GPT):
         check_config(cfg)
     hint = "name the ckpt.pt of a trained run"
     init = from_rank_0(lambda: load_checkpoint(cfg.init_from, hint), world_size) if cfg.init_from and not ckpt else None
-    if init:  # fine-tuning: the model's shape is the checkpoint's
-        cfg = replace(cfg, **fine_tuned_shape(init, overrides, cfg.init_from))
+    if init:  # fine-tuning: the model's shape is the checkpoint's, and the command line may not contradict it
+        shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
+        for name, value in shape.items():
+            if overrides.get(name, value) != value:
+                keep = f"whose {name} is {value}; leave it out: fine-tuning keeps the model's shape"
+                raise UserError(f"--{name}={overrides[name]} contradicts --init_from={cfg.init_from}, {keep}")
+        cfg = replace(cfg, **shape)
     if rank == 0 and (Path(cfg.out_dir) / "train.lock").exists():  # in use? say so now, not after compiling
         with contextlib.suppress(OSError):  # a folder we cannot write to is refused below, with its own error
             lock_out_dir(Path(cfg.out_dir)).close()
@@ -1024,9 +985,8 @@ def setup(overrides, defaults=None, make_model=GPT):
 
 # ---- Interrupts: Ctrl-C or SIGTERM stops the run after the current step (or within an evaluation), and it saves.
 class StopRequest:
-    """The first Ctrl-C (SIGINT) or SIGTERM is answered at once and asks the run to stop: training saves
-    last.pt after the current step, an evaluation is abandoned within a batch. A second one, or one while
-    nothing is left to save (at_once: the final sample), stops at once, with KeyboardInterrupt."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the run to stop: training saves last.pt after the current step, an
+    evaluation is abandoned. A second, or one while nothing is left to save (at_once), raises KeyboardInterrupt."""
 
     def __init__(self, world_size=1, quiet=False):
         self.signum, self.quiet, self.at_once, self.agreed, self.pending = 0, quiet, False, 0, None
@@ -1043,9 +1003,8 @@ class StopRequest:
 
     def requested(self):
         """The number of the signal that asked us to stop, or 0. With several processes, of one that any of them got:
-        each step sends this process's signum and reads what all of them sent a step before, so that no step waits
-        for the others and all stop at the same step. Only the handler writes self.signum: a signal that comes while
-        the others' numbers arrive is sent at the next step, not overwritten with their 0."""
+        each step sends this process's number without waiting and reads what all sent a step before, so that no step
+        waits for the others and all stop at the same step. Only the handler writes self.signum."""
         if self.group is None:
             return self.signum
         if self.pending is not None:
@@ -1069,16 +1028,10 @@ PEAK_TFLOPS |= {"L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60), "A10": 
 PEAK_TFLOPS |= {"RTX 3090": (71, 36), "V100": (125, 15.7), "V100 PCIE": (112, 14), "T4": (65, 8.1)}
 
 
-def card_name(device_name):
-    """ "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA H100 NVL" -> "H100 NVL": the words that tell cards apart."""
-    words = device_name.upper().replace("-", " ").split()
-    drop = re.compile(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\w*|SXM\d*")
-    return " ".join(w for w in words if not drop.fullmatch(w))
-
-
 def peak_flops(device, dtype):
     """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards)."""
-    card = card_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else ""
+    words = torch.cuda.get_device_name(device).upper().replace("-", " ").split() if device.type == "cuda" else []
+    card = " ".join(w for w in words if not re.fullmatch(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\w*|SXM\d*", w))
     return 1e12 * PEAK_TFLOPS[card][dtype == torch.float32] if card in PEAK_TFLOPS else None
 
 
@@ -1100,9 +1053,8 @@ def format_duration(seconds):
 
 
 class Progress:
-    """A run's reports. ms/it is the time per training step since the last evaluation, which it leaves out
-    (compiling happens before step 0); elapsed_s in metrics.jsonl counts everything. A loss that is not
-    finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
+    """A run's reports. ms/it times the training steps alone (elapsed_s in metrics.jsonl counts everything). A loss that
+    is not finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
 
     def __init__(self, run, stop=None):
         self.run, self.stop, cfg, n = run, stop, run.cfg, run.world_size
@@ -1194,12 +1146,9 @@ class Progress:
 
 # ---- Sampling with a KV cache, and the --sample command.
 class KVCache:
-    """The keys and values each attention layer computed for the positions sampled so far: a new character
-    costs one position, not a forward pass over the whole context. When the cache holds block_size
-    positions, the next character has no position left (the position embeddings are learned, and shifting
-    the window would change every cached key), so the cache is rebuilt from the newest block_size // 2
-    characters, at positions 0.. again. Cached and uncached sampling agree exactly while the text fits in
-    block_size; past that, the cached one sees between block_size // 2 and block_size characters."""
+    """The keys and values each attention layer computed for the positions sampled so far: a new character costs one
+    position, not a forward pass over the whole context. Full at block_size positions (learned position embeddings
+    cannot shift), it is rebuilt from the newest block_size // 2 characters, at positions 0.. again."""
 
     def __init__(self, block_size):
         self.block_size, self.kv = block_size, {}  # kv: attention layer -> keys, values (B,nh,positions,hs)
@@ -1224,9 +1173,8 @@ class KVCache:
 
 
 def sample_line(run, stop=None):
-    """A line of the model's own writing, shown at every evaluation: eval_sample characters after the prompt, drawn
-    with the KV cache from a generator of their own, seeded alike every time (the same slot of text grows up, and
-    training's random numbers are left alone). A Ctrl-C cuts it short within a character."""
+    """A line of the model's own writing at each evaluation: eval_sample characters after the prompt, from a generator
+    of its own seeded alike every time (training's random numbers are left alone); a Ctrl-C cuts it short."""
     generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
     idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
     text, cfg = run.prompt, run.cfg
@@ -1253,8 +1201,7 @@ def sample(overrides, defaults=None, make_model=GPT):
     ckpt = load_checkpoint(path)
     cfg = config_from(ckpt, overrides)
     check_config(cfg)
-    device = resolve_device(cfg.device)
-    tokenizer = CharTokenizer(ckpt["vocab"])
+    device, tokenizer = resolve_device(cfg.device), CharTokenizer(ckpt["vocab"])
     model = make_model(tokenizer.vocab_size, cfg)
     load_model_state(model, ckpt, path)
     model.to(device)

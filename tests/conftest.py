@@ -1,5 +1,6 @@
 """Shared fixtures: where the corpus is, tiny settings, and a way to run the scripts as a user would."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -54,15 +55,33 @@ def run_script(script, *args, cwd=None, timeout=120, env=None):
 SERIAL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
+@contextlib.contextmanager
+def on_one_thread():
     """The same for code run inside the test process; restored afterwards."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with on_one_thread():
+        yield
+
+
+def trained_once(tmp_path_factory, name, argv):
+    """For a module's fixture: out_dir of a run of gpt.main(argv + --out_dir), trained on one thread."""
+    import gpt
+
+    out_dir = tmp_path_factory.mktemp(name) / "out"
+    with on_one_thread():
+        assert gpt.main([*argv, f"--out_dir={out_dir}"]) == 0
+    return out_dir
 
 
 def snapshot(folder):

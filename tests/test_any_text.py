@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, snapshot
+from conftest import TINY, snapshot, trained_once
 
 import gpt
 
@@ -125,16 +125,8 @@ def test_a_text_of_thousands_of_characters_trains_and_samples(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def pretrained(corpus, tmp_path_factory):
     """A tiny model trained on tiny Shakespeare: its out_dir."""
-    out_dir = tmp_path_factory.mktemp("pretrained") / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert (
-            gpt.main([*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--max_iters=60", "--eval_interval=30"]) == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return out_dir
+    argv = [*TINY, f"--data={corpus}", "--max_iters=60", "--eval_interval=30"]
+    return trained_once(tmp_path_factory, "pretrained", argv)
 
 
 @pytest.fixture

@@ -46,8 +46,10 @@ def test_tiny_run_writes_the_figures(corpus, tmp_path):
     speedup = result["sample_tokens_per_s_cached"] / result["sample_tokens_per_s_uncached"]
     assert result["sample_cache_speedup"] == pytest.approx(speedup)
     # TINY evaluates 2 x 2 batches at steps 0, 10 and 20 of 20
-    eval_s = 3 * 2 * 2 * result["eval_ms_per_batch"]
-    assert result["eval_share_of_run"] == pytest.approx(eval_s / (eval_s + 20 * result["train_ms_per_iter"]))
+    eval_s, line_s = 3 * 2 * 2 * result["eval_ms_per_batch"], 3 * result["eval_sample_ms"]  # and 3 lines of text
+    run_s = 20 * result["train_ms_per_iter"] + eval_s + line_s
+    assert result["eval_share_of_run"] == pytest.approx(eval_s / run_s)
+    assert result["eval_sample_ms"] > 0 and result["eval_sample_share_of_run"] == pytest.approx(line_s / run_s)
     cfg = gpt.Config(**result["config"])
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.data) == (2, 32, 16, str(corpus))
     assert result["params"] == sum(p.numel() for p in gpt.GPT(65, cfg).parameters())

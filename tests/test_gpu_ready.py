@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, trained_once
 
 import gpt
 
@@ -108,7 +108,7 @@ def test_mfu_is_each_gpus_share_of_its_own_cards_peak(world_size, tmp_path, caps
     assert progress.tokens_per_iter == tokens
     per_gpu = gpt.flops_per_token(progress.run.raw_model, progress.run.cfg) * tokens / world_size
     progress.peak, progress.ms_per_iter = per_gpu / 0.5, 500.0  # a card that does one step's work in 0.5 s: 100%
-    progress.t_eval = time.time()
+    progress.t_eval, progress.text = time.time(), None
     progress.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
     assert "| mfu 100% |" in capsys.readouterr().out
 
@@ -140,14 +140,9 @@ def test_the_model_has_no_buffer_for_ddp_to_copy_before_each_forward_pass():
 
 @pytest.fixture(scope="module")
 def finished_dir(corpus, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("gpu_ready") / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert gpt.main([*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--max_iters=10", "--eval_interval=5"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out_dir
+    return trained_once(
+        tmp_path_factory, "gpu_ready", [*TINY, f"--data={corpus}", "--max_iters=10", "--eval_interval=5"]
+    )
 
 
 @pytest.mark.parametrize(

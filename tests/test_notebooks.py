@@ -101,23 +101,27 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]  # th
 sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "gpt.py").exists()]"""
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_a_notebook_without_the_project_says_so_in_one_line(path, fast_kernel_env, tmp_path):
+def test_a_notebook_without_the_project_says_so_in_one_line(fast_kernel_env, tmp_path):
     """Opened alone (uploaded to a hosted service, say), a notebook that imports gpt.py names what to fetch
-    and where to put it in one line, instead of a ModuleNotFoundError; one that imports nothing of it runs."""
+    and where to put it in one line, instead of a ModuleNotFoundError; one that imports nothing of it runs.
+    Every notebook's first cell runs in one kernel, in a folder without the project, after the project is hidden."""
     alone = tmp_path / "alone"
     alone.mkdir()
-    first = next(cell for cell in nbformat.reads(path.read_text(), as_version=4).cells if cell.cell_type == "code")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(HIDE_THE_PROJECT), first])
+    firsts = [
+        next(cell for cell in nbformat.reads(path.read_text(), as_version=4).cells if cell.cell_type == "code")
+        for path in NOTEBOOKS
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(HIDE_THE_PROJECT), *firsts])
     client = nbclient.NotebookClient(
         nb, timeout=120, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(alone)}}
     )
     client.execute()
-    errors = [o for o in nb.cells[1].outputs if o.output_type == "error"]
-    if "import gpt" not in first.source:
-        assert errors == []
-        return
-    assert len(errors) == 1, nb.cells[1].outputs
-    lines = [ANSI_COLOUR.sub("", line) for line in errors[0]["traceback"]]
-    assert len(lines) == 1 and "\n" not in lines[0], lines
-    assert "gpt.py" in lines[0] and "folder above" in lines[0] and "ModuleNotFoundError" not in lines[0]
+    for path, cell in zip(NOTEBOOKS, nb.cells[1:], strict=True):
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        if "import gpt" not in cell.source:
+            assert errors == [], path.name
+            continue
+        assert len(errors) == 1, (path.name, cell.outputs)
+        lines = [ANSI_COLOUR.sub("", line) for line in errors[0]["traceback"]]
+        assert len(lines) == 1 and "\n" not in lines[0], (path.name, lines)
+        assert "gpt.py" in lines[0] and "folder above" in lines[0] and "ModuleNotFoundError" not in lines[0]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SERIAL_ENV, TINY, run_script, snapshot
+from conftest import ROOT, SERIAL_ENV, TINY, run_script, snapshot, trained_once
 
 import gpt
 
@@ -28,14 +28,7 @@ TRAIN = [*TINY, "--max_iters=4", "--eval_interval=2"]  # TINY, shorter still
 @pytest.fixture(scope="module")
 def trained_dir(corpus, tmp_path_factory):
     """out_dir of a finished tiny run: ckpt.pt and metrics.jsonl. Tests work on copies of it."""
-    out_dir = tmp_path_factory.mktemp("robust") / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert gpt.main([*TRAIN, f"--data={corpus}", f"--out_dir={out_dir}"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out_dir
+    return trained_once(tmp_path_factory, "robust", [*TRAIN, f"--data={corpus}"])
 
 
 @pytest.fixture
