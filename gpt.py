@@ -173,21 +173,18 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # sampling: the keys and values of earlier positions join in (Part 2, KVCache)
             k, v = cache.extend(self, k, v)  # (B,nh,Tk,hs)
         Tk = k.size(2)  # the positions attended to: the T of x, or more with a cache
-        dropout_p = self.dropout if self.training else 0.0  # the fused kernel's dropout on wei: only while training
-        if self.fused and T == Tk:  # one kernel that masks the future itself: no (T,T) matrix in memory
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            # tril[i, j] says whether the i-th of the T newest positions may look at position j: at itself and the
-            # past only. (The lecture keeps it as a buffer; made here, there is no buffer for DDP to copy each step.)
-            tril = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T,Tk)
-            if self.fused:  # sampling with a KV cache: the same kernel, given the mask
-                y = F.scaled_dot_product_attention(q, k, v, tril, dropout_p)
-            else:  # the same, spelled out as in the lecture
-                wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, at unit variance
-                wei = wei.masked_fill(~tril, float("-inf"))  # the future may not talk to the past
-                wei = F.softmax(wei, dim=-1)  # each row: weights that sum to 1
-                wei = self.attn_dropout(wei)
-                y = wei @ v  # (B,nh,T,Tk) @ (B,nh,Tk,hs) -> (B,nh,T,hs)
+        # tril[i, j] says whether the i-th of the T newest positions may look at position j: at itself and the past
+        # only. (The lecture keeps it as a buffer; made here, there is no buffer for DDP to copy at every step.)
+        tril = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T,Tk)
+        if self.fused:  # one kernel, no (T,Tk) matrix in memory; dropout only while training
+            causal, dropout_p = T == Tk, self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, None if causal else tril, dropout_p, is_causal=causal)
+        else:  # the same, spelled out as in the lecture
+            wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
+            wei = wei.masked_fill(~tril, float("-inf"))  # the future may not talk to the past
+            wei = F.softmax(wei, dim=-1)  # each row: weights that sum to 1
+            wei = self.attn_dropout(wei)
+            y = wei @ v  # (B,nh,T,Tk) @ (B,nh,Tk,hs) -> (B,nh,T,hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B,T,C)
         return self.resid_dropout(self.proj(y))
 
