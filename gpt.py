@@ -555,10 +555,10 @@ def read_corpus(path="", chars=None, chunk_size=1 << 22):
         print(f"downloading tiny Shakespeare to {DEFAULT_DATA}")
         download(DEFAULT_DATA)
     path = Path(path or DEFAULT_DATA)
+    if path.is_dir():
+        raise UserError(f"--data={path} is a folder; name a text file")
     if not path.is_file():
-        raise UserError(
-            f"--data={path} is a folder; name a text file" if path.is_dir() else f"--data={path}: no such file"
-        )
+        raise UserError(f"--data={path}: no such file")
     counts = np.zeros(0x110000, dtype=np.int64)  # how often each Unicode character occurs
     for points in code_points(path, chunk_size):
         found = np.bincount(points)

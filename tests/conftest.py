@@ -24,6 +24,7 @@ TINY = [
     "--eval_iters=2",
     "--dropout=0",
     "--max_new_tokens=20",
+    "--eval_sample=16",  # a short line of text at each evaluation: exercised everywhere, cheap
     "--dtype=float32",  # what auto picks on a CPU without bfloat16 instructions; tests compare numbers exactly
 ]
 

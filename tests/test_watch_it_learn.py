@@ -12,7 +12,7 @@ from conftest import TINY
 import gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-RUN = [*TINY, "--max_iters=30", "--dropout=0.1"]  # evaluations at 0, 10, 20 and 30
+RUN = [*TINY, "--max_iters=30", "--dropout=0.1", "--eval_sample=80"]  # evaluations at 0, 10, 20 and 30
 
 
 def rows(out_dir):
