@@ -173,12 +173,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # sampling: the keys and values of earlier positions join in (Part 2, KVCache)
             k, v = cache.extend(self, k, v)  # (B,nh,Tk,hs)
         Tk = k.size(2)  # the positions attended to: the T of x, or more with a cache
-        # tril[i, j] says whether the i-th of the T newest positions may look at position j: at itself and the past
-        # only. (The lecture keeps it as a buffer; made here, there is no buffer for DDP to copy at every step.)
-        tril = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # (T,Tk)
+        # tril[i, j] (T,Tk) says whether the i-th of the T newest positions may look at position j: at itself and the
+        # past only. The fused kernel needs it only with a cache (is_causal does the rest). The lecture keeps it as a
+        # buffer; made here, there is no buffer for DDP to copy between processes at every step.
+        tril = None if self.fused and T == Tk else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
         if self.fused:  # one kernel, no (T,Tk) matrix in memory; dropout only while training
-            causal, dropout_p = T == Tk, self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, None if causal else tril, dropout_p, is_causal=causal)
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, tril, dropout_p, is_causal=tril is None)
         else:  # the same, spelled out as in the lecture
             wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
             wei = wei.masked_fill(~tril, float("-inf"))  # the future may not talk to the past
