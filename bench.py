@@ -39,7 +39,7 @@ class BenchConfig(gpt.Config):
 
 def parse_args(argv):
     """gpt.py's settings and bench.py's own, through gpt.py's parser."""
-    cfg = replace(BenchConfig(), **gpt.parse_overrides(argv, BenchConfig))
+    cfg = replace(BenchConfig(), **gpt.parse_overrides(argv, BenchConfig()))
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.json is not None and (not cfg.json or Path(cfg.json).is_dir()):

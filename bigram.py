@@ -95,7 +95,7 @@ def compare_with_counts(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     status = gpt.main(argv, DEFAULTS, BigramLanguageModel)
-    overrides = gpt.parse_overrides(argv) if status == 0 else {}
+    overrides = gpt.parse_overrides(argv, DEFAULTS) if status == 0 else {}
     if status == 0 and not overrides.get("sample") and os.environ.get("RANK", "0") == "0":
         compare_with_counts(replace(DEFAULTS, **overrides))
     return status

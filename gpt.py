@@ -15,6 +15,7 @@ import argparse
 import codecs
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -385,7 +386,8 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     if top_k is not None:  # forbid all but the top_k likeliest (top_k above the vocabulary: all)
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    probs = F.softmax(logits, dim=-1).cpu()  # drawn on the CPU: cheap for one row, and Apple's MPS has been seen to
+    return torch.multinomial(probs, num_samples=1, generator=generator).to(logits.device)  # draw probabilities of 0
 
 
 @torch.no_grad()
@@ -457,14 +459,34 @@ def _converter(kind):
     return convert
 
 
-def parse_overrides(argv, config_class=Config):
-    """--name=value or --name value for every field of config_class; booleans also as a bare --name.
-    Returns only the names given, so that a checkpoint's settings can fill in the rest."""
+def parse_overrides(argv, defaults=None):
+    """--name=value or --name value for every field of `defaults` (a Config); booleans also as a bare --name.
+    Returns only the names given, so that a checkpoint's settings can fill in the rest. -h or --help: every knob."""
+    defaults = defaults or Config()
+    if "-h" in argv or "--help" in argv:
+        print(knob_help(defaults))
+        raise SystemExit(0)
     parser = _Parser(allow_abbrev=False, add_help=False)
-    for f in fields(config_class):
+    for f in fields(defaults):
         flag = {"nargs": "?", "const": True} if f.type in (bool, bool | None) else {}  # a bare --resume: True
         parser.add_argument(f"--{f.name}", type=_converter(f.type), default=argparse.SUPPRESS, **flag)
     return vars(parser.parse_args(argv))
+
+
+def knob_help(defaults):
+    """Every knob with its default and its comment in the class that defines it (Config, or bench.py's own)."""
+    script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "gpt.py"
+    lines = [f"usage: python {script} [--name=value ...]: any knob below, by its name; a boolean also as --name"]
+    for cls in reversed(type(defaults).__mro__[:-1]):  # Config's knobs first
+        for line in inspect.getsource(cls).splitlines():
+            if knob := re.fullmatch(r"    (\w+): .+?  # (.+)", line):
+                value = getattr(defaults, knob[1])
+                shown = f"{value:g}" if type(value) is float else value
+                shown = repr(shown) if shown == "" or not str(shown).isprintable() else shown  # '' and '\\n'
+                lines.append(f"  {f'--{knob[1]}={shown}':<32} {knob[2]}")
+            elif section := re.fullmatch(r"    # (.+)", line):
+                lines.append(f"{section[1]}:")
+    return "\n".join(lines)
 
 
 def command_line(cfg, script="gpt.py"):
@@ -742,26 +764,42 @@ def resolve_device(name):
     return device
 
 
-def precision(cfg, device):
-    """The training dtype, an autocast context for the matrix products, and float16's gradient scaler. auto: bfloat16 on
-    CUDA cards from compute capability 8.0 and on CPUs that have it; float16 on older cards; float32 elsewhere."""
+def precision(cfg, device, seconds_per_step, world_size=1):
+    """The training dtype, an autocast context for the matrix products, float16's gradient scaler, and why auto chose
+    the dtype. auto: bfloat16 on CUDA cards from compute capability 8.0, float16 on older ones, float32 on Apple's MPS;
+    on a CPU, bfloat16 only where it trains this model faster than float32, timed by seconds_per_step(dtype)."""
     if cfg.dtype in ("bfloat16", "float16") and device.type == "mps":
         raise UserError(f"--dtype={cfg.dtype} is not supported on mps here; use --dtype=float32 (or leave it auto)")
-    dtype = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype)
+    dtype, why = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype), ""
     if cfg.dtype == "auto" and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if cfg.dtype == "auto" and device.type == "cpu" and cpu_has_bfloat16():
-        dtype = torch.bfloat16
+    if cfg.dtype == "auto" and device.type == "cpu":
+        dtype, why = from_rank_0(lambda: cpu_dtype(seconds_per_step), world_size)  # all processes alike
     # float32 matrix products on CUDA in TF32 (several times faster, precise enough to train) unless float32 is named
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype != "float32"
-    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return dtype, autocast_to(device, dtype), scaler, why
+
+
+def cpu_dtype(seconds_per_step):
+    """On a CPU, bfloat16 where it has the instructions for it and a training step of this model takes less time in it
+    than in float32 (measured: that depends on the model's size too), else float32; and why, for the header line."""
+    if not cpu_has_bfloat16():
+        return torch.float32, " (this CPU has no bfloat16 instructions)"
+    float32, bfloat16 = seconds_per_step(torch.float32), seconds_per_step(torch.bfloat16)
+    if bfloat16 < float32:
+        return torch.bfloat16, f" ({float32 / bfloat16:.1f}x faster than float32 here)"
+    return torch.float32, f" (bfloat16 {bfloat16 / float32:.1f}x slower here)"
 
 
 def cpu_has_bfloat16():
     """Whether this CPU multiplies bfloat16 matrices in hardware (x86's AVX512-BF16 or AMX, which cpuinfo reads off
-    the CPU): there autocast to bfloat16 is faster than float32. Elsewhere it is emulated, and slower."""
+    the CPU). Elsewhere bfloat16 is emulated, and several times slower than float32."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast_to(device, dtype):
+    return torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def synchronize(device):
@@ -770,28 +808,43 @@ def synchronize(device):
         torch.accelerator.synchronize(device)
 
 
-def compile_model(raw_model, cfg, device, autocast, data, log):
-    """raw_model compiled if cfg says so (unset: on CUDA under Linux), and whether it is. Compiling happens at the first
-    call: tried here, forward and backward on a batch of its own (fork_rng restores what its dropout drew), so step 0
-    finds it ready, and where it fails (no C compiler, no Triton) training goes on without it."""
-    if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
-        return raw_model, False
-    model = torch.compile(raw_model)  # the model's Python becomes fused kernels
+def seconds_per_batch(model, data, cfg, device, autocast, train=True):
+    """Seconds of a training step's forward and backward pass on one micro-batch (or with train=False, of an evaluation
+    batch), the second of two: the first warms up, and compiles where torch.compile is on. The batch is its own and
+    fork_rng restores what dropout drew, so training's random numbers are untouched; no gradient is left behind."""
     x, y = get_batch(data, cfg.batch_size, cfg.block_size, torch.Generator(data.device).manual_seed(0))
+    model.train(train)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.set_grad_enabled(train):
+            for _ in range(2):
+                synchronize(device)
+                t = time.perf_counter()
+                with autocast:
+                    _, loss = model(x, y)
+                if train:
+                    loss.backward()
+                synchronize(device)
+        return time.perf_counter() - t
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train()
+
+
+def compile_model(raw_model, cfg, device, autocast, data, log):
+    """raw_model compiled if cfg says so (unset: on CUDA under Linux), whether it is, and the seconds of a step.
+    Compiling happens at the first call: tried here, on a batch of its own, so step 0 finds it ready, and where it
+    fails (no C compiler, no Triton) training goes on without it."""
+    if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
+        return raw_model, False, None
+    model = torch.compile(raw_model)  # the model's Python becomes fused kernels
+    try:
+        return model, True, seconds_per_batch(model, data, cfg, device, autocast)
     except Exception as e:
         if isinstance(e, torch.OutOfMemoryError) or isinstance(e.__cause__, torch.OutOfMemoryError):
             raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
         first_line = str(e).strip().partition("\n")[0][:120]
         log(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); training without it")
-        return raw_model, False
-    finally:
-        raw_model.zero_grad(set_to_none=True)
-    return model, True
+        return raw_model, False, None
 
 
 def setup_distributed(device_name):
@@ -850,7 +903,6 @@ class Run:
         self.cfg, self.device, self.rank, self.world_size, self.lock = cfg, device, rank, world_size, None
         self.master, self.out_dir = rank == 0, Path(cfg.out_dir)  # only rank 0 prints, writes files and samples
         self.t_start = time.time() - (ckpt["elapsed_s"] if ckpt else 0.0)  # less the time of the runs it continues
-        self.dtype, self.autocast, self.scaler = precision(cfg, device)
         chars, ids = read_corpus(cfg.data, (ckpt or init or {}).get("vocab"))  # a checkpoint's model keeps its own
         self.tokenizer = CharTokenizer(chars)
         if check_prompt:  # the final sample starts with it: refuse a bad one now, not after training
@@ -868,6 +920,9 @@ class Run:
         if init:  # fine-tuning: the weights of a trained model, and from here on a new run
             load_model_state(self.raw_model, init, cfg.init_from)
         self.optimizer = make_optimizer(self.raw_model, cfg, device.type)
+        data = self.train_data
+        trial = lambda dtype: seconds_per_batch(self.raw_model, data, cfg, device, autocast_to(device, dtype))
+        self.dtype, self.autocast, self.scaler, self.why = precision(cfg, device, trial, world_size)
         # one generator for the batches, seeded alike everywhere: all processes draw the same global batch
         self.batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
@@ -875,7 +930,12 @@ class Run:
             self.restore(ckpt)
         if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
             torch.manual_seed(cfg.seed + rank)
-        self.model, self.compiled = compile_model(self.raw_model, cfg, device, self.autocast, self.train_data, self.log)
+        compiled = compile_model(self.raw_model, cfg, device, self.autocast, self.train_data, self.log)
+        self.model, self.compiled, self.step_s = compiled  # step_s: seconds of a micro-batch's forward and backward
+        if self.master and self.start_step == 0:  # for the note on a long run (Progress): what a step and a batch take
+            data, autocast = self.train_data, self.autocast
+            self.step_s = self.step_s or seconds_per_batch(self.model, data, cfg, device, autocast)
+            self.eval_s = seconds_per_batch(self.model, data, cfg, device, autocast, train=False)
         if world_size > 1:  # averages the gradients over the processes after each backward pass
             self.model = nn.parallel.DistributedDataParallel(self.model)
 
@@ -1064,7 +1124,7 @@ class Progress:
         self.losses, self.ms_per_iter, self.eval_s = None, None, 0.0
         n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype).removeprefix("torch.")
         compiled, batch = "on" if run.compiled else "off", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}"
-        device = f"device {run.device} | {dtype} | compile {compiled}"
+        device = f"device {run.device} | {dtype}{run.why} | compile {compiled}"
         run.log(f"{n_params / 1e6:.2f}M parameters | {device} | {n} process(es)")
         per_iter = f"{sequences} sequences of {cfg.block_size} = {self.tokens_per_iter:,} tokens per iteration"
         run.log(f"batch {batch} accumulation x {n} process(es) = {per_iter}")
@@ -1072,21 +1132,12 @@ class Progress:
             self.warn_if_long()
         self.t_last, self.step_last = time.time(), run.start_step
 
-    @torch.no_grad()
     def warn_if_long(self):
-        """A run of hours says so before it starts. One forward pass of a micro-batch is timed (the second
-        of two: the first warms up); a training step costs about 3 of them, an evaluation 2 x eval_iters."""
-        run, cfg, accum = self.run, self.run.cfg, self.run.cfg.gradient_accumulation_steps
-        x, y = get_batch(run.train_data, cfg.batch_size, cfg.block_size, torch.Generator(run.device).manual_seed(0))
-        model = run.model.module if run.world_size > 1 else run.model  # rank 0 alone: not through DDP's wrapper
-        model.eval()
-        for _ in range(2):
-            t = time.time()
-            with run.autocast:
-                model(x, y)
-            synchronize(run.device)
-        model.train()
-        projected = (time.time() - t) * accum * (3 * cfg.max_iters + 2 * cfg.eval_iters * count_evaluations(cfg))
+        """A run of hours says so before it starts: its steps and evaluations, from the seconds of a training step's
+        micro-batch and of an evaluation batch timed at setup (Run)."""
+        run, cfg = self.run, self.run.cfg
+        batches = cfg.max_iters * run.step_s + 2 * cfg.eval_iters * count_evaluations(cfg) * run.eval_s
+        projected = cfg.gradient_accumulation_steps * batches
         if projected > 1800:
             recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
             note = f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}"
@@ -1173,7 +1224,7 @@ class KVCache:
 def sample_line(run, stop=None):
     """A line of the model's own writing at each evaluation: eval_sample characters after the prompt, from a generator
     of its own seeded alike every time (training's random numbers are left alone); a Ctrl-C cuts it short."""
-    generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
+    generator = torch.Generator().manual_seed(run.cfg.seed)  # on the CPU, where sample_next draws
     idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
     text, cfg = run.prompt, run.cfg
     for idx_next in stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator):
@@ -1215,7 +1266,7 @@ def sample(overrides, defaults=None, make_model=GPT):
 def main(argv=None, defaults=None, make_model=GPT):
     """python gpt.py [--name=value ...]: train, or with --sample write text. Returns the exit status."""
     try:
-        overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
+        overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
         return (sample if overrides.get("sample") else train)(overrides, defaults, make_model)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

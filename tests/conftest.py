@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from gpt import DATA_URL
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # A model small enough to train for a few steps in about a second on a CPU.
 TINY = [
@@ -29,13 +30,18 @@ TINY = [
 ]
 
 
+def find_corpus(root=ROOT):
+    """tiny Shakespeare, as input.txt in root: the tests never use the network, so it must be there already."""
+    path = root / "input.txt"
+    if not path.is_file():
+        get = 'python -c "import gpt; gpt.load_text()"'
+        pytest.fail(f"tiny Shakespeare is not in {path}: download it once with {get} (or save {DATA_URL} there)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def corpus():
-    """The real tiny Shakespeare: input.txt at the root (as .ci/run puts it), else the shared copy."""
-    for path in (ROOT / "input.txt", SHARED_CORPUS):
-        if path.is_file():
-            return path
-    pytest.fail("tiny Shakespeare not found: copy ../shared/data/tinyshakespeare.txt to input.txt")
+    return find_corpus()
 
 
 def run_script(script, *args, cwd=None, timeout=120, env=None):

@@ -289,6 +289,6 @@ def test_bigram_lands_on_the_count_based_reference(corpus, tmp_path):
     pairs, firsts = Counter(zip(train, train[1:], strict=False)), Counter(train[:-1])
     counted = -sum(math.log((pairs[a, b] + 1) / (firsts[a] + vocab)) for a, b in zip(val, val[1:], strict=False))
     assert reference == pytest.approx(counted / (len(val) - 1), abs=1e-4)
-    assert reference == pytest.approx(2.4819, abs=1e-4)  # reference-numbers.md
+    assert reference == pytest.approx(2.4819, abs=1e-4)  # the count-based bigram of tiny Shakespeare
     assert abs(ours - reference) <= 0.01
     assert gap == pytest.approx(ours - reference, abs=1e-4)

@@ -1,18 +1,18 @@
 """The training numbers are a decision, not an accident.
 
 A tiny run with dropout, warm-up, cosine decay, gradient clipping and gradient accumulation all switched on
-must write exactly these losses to metrics.jsonl on a CPU in float32 with one thread and a fixed seed. They were
+must write these losses to metrics.jsonl on a CPU in float32 with one thread and a fixed seed. They were
 recorded from the code before gpt.py was rearranged into "the lesson first, the machinery after" (commit
 4a498b9), and a refactor must leave them as they are. A change that is meant to change them (a new
 initialisation, another schedule) updates them here, in the same commit, and says why.
 
-The last bits of a float32 sum depend on how wide the CPU's vector instructions are: the unrounded best val loss
-is held for each kind of CPU it was recorded on (PyTorch's get_cpu_capability), and to 1e-6 on any other."""
+They are held to rounding, not to the last bit: the last bits of a float32 sum depend on the CPU, the kernel the
+library picks and the number of threads, so two machines agree to about 1e-5 relative after a few dozen steps. Any
+real change to the training moves them by far more. Bit-exact checks compare two runs made in one test."""
 
 import json
 
 import pytest
-import torch
 from conftest import TINY
 
 import bigram
@@ -33,7 +33,7 @@ GPT_LOSSES = [
     (20, 3.7679, 3.7557),
     (24, 3.7702, 3.7869),
 ]
-GPT_BEST_VAL = {"AVX512": 3.7556896209716797, "AVX2": 3.7556893825531006}  # by torch.backends.cpu's capability
+GPT_BEST_VAL = 3.7556895  # unrounded; machines differ from it in the last bit or two of a float32
 GPT_SAMPLE = "\nCpzlYaS tczde.pwEiT,YlrzlGu-aYeNY\nijbo\nLzzj$eUKS-A.U FisdJiG HTssPtW;,ie$zOAnsz"
 BIGRAM_LOSSES = [(0, 4.1744, 4.1744), (100, 3.3632, 3.3629), (200, 3.0333, 3.0524), (300, 3.0319, 2.9889)]
 
@@ -43,13 +43,17 @@ def losses(out_dir):
     return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
 
 
+def to_rounding(recorded):
+    """The rows as recorded, each loss to within one unit of its 4th decimal: metrics.jsonl rounds the loss, and a
+    difference of 1e-5 between machines can tip it over a rounding boundary. The steps must be equal."""
+    return [(step, pytest.approx(train, abs=1.01e-4), pytest.approx(val, abs=1.01e-4)) for step, train, val in recorded]
+
+
 def test_gpt_losses_are_unchanged(corpus, tmp_path, capsys):
     assert gpt.main([*SETTINGS, f"--data={corpus}", f"--out_dir={tmp_path}"]) == 0
-    assert losses(tmp_path) == GPT_LOSSES
-    # the weights too, to the last bit: the best val loss unrounded, and the sample the best model writes
-    best_val = gpt.load_checkpoint(tmp_path / "ckpt.pt")["best_val"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    assert best_val == GPT_BEST_VAL.get(capability, pytest.approx(GPT_BEST_VAL["AVX2"], abs=1e-6)), capability
+    assert losses(tmp_path) == to_rounding(GPT_LOSSES)
+    # the weights too: the best val loss unrounded, to 1e-5 relative, and the sample the best model writes
+    assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["best_val"] == pytest.approx(GPT_BEST_VAL, rel=1e-5)
     sample = capsys.readouterr().out.split("sample from the best model (step 20, val 3.7557):\n", 1)[1]
     assert sample.startswith(GPT_SAMPLE + "\n\nfinal: ")  # the prompt and max_new_tokens=79 characters, no more
 
@@ -58,7 +62,7 @@ def test_bigram_losses_are_unchanged(corpus, tmp_path):
     argv = [f"--data={corpus}", f"--out_dir={tmp_path}", "--device=cpu", "--max_iters=300", "--eval_interval=100"]
     argv += ["--eval_iters=5"]
     assert bigram.main(argv) == 0
-    assert losses(tmp_path) == BIGRAM_LOSSES
+    assert losses(tmp_path) == to_rounding(BIGRAM_LOSSES)
 
 
 @pytest.mark.parametrize(("max_iters", "eval_interval"), [(24, 5), (25, 5), (1, 1), (1, 500), (5000, 500), (7, 3)])

@@ -91,6 +91,7 @@ def fake_run(world_size, out_dir):
         raw_model=model,
         device=CPU,
         dtype=torch.bfloat16,
+        why="",
         compiled=False,
         master=False,
         start_step=0,
@@ -227,11 +228,12 @@ def test_out_of_memory_while_compiling_gets_the_out_of_memory_advice(corpus, tmp
     """The compile trial runs a whole forward and backward pass: running out of memory there is the batch's
     fault, not torch.compile's, and gets the same one line as out of memory during training."""
 
-    def compile(model):
-        def run_out_of_memory(*args, **kwargs):
+    class RunsOutOfMemory(torch.nn.Module):
+        def forward(self, *args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-        return run_out_of_memory
+    def compile(model):
+        return RunsOutOfMemory()
 
     monkeypatch.setattr(torch, "compile", compile)
     argv = [*TINY, f"--data={corpus}", f"--out_dir={tmp_path / 'out'}", "--compile=true"]
@@ -251,30 +253,47 @@ def tf32_flags():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def no_trial(dtype):
+    raise AssertionError("nothing was to be timed")
+
+
 @pytest.mark.parametrize(("dtype", "tf32"), [("float32", False), ("auto", True), ("bfloat16", True)])
-def test_an_explicit_float32_turns_tf32_off(dtype, tf32, tf32_flags):
+def test_an_explicit_float32_turns_tf32_off(dtype, tf32, monkeypatch, tf32_flags):
     """--dtype=float32 means float32 matrix products, as the advice for a loss gone NaN expects; auto keeps TF32 for
     what runs in float32 on a CUDA card (it is several times faster, and precise enough to train)."""
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: False)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
-    gpt.precision(gpt.Config(dtype=dtype), CPU)
+    gpt.precision(gpt.Config(dtype=dtype), CPU, no_trial)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "other-cpu"])
-def test_auto_on_a_cpu_picks_bfloat16_where_the_cpu_computes_in_it(native, monkeypatch, tf32_flags):
+@pytest.mark.parametrize(
+    ("native", "seconds", "picked", "why"),
+    [
+        (False, None, torch.float32, " (this CPU has no bfloat16 instructions)"),
+        (True, {torch.float32: 3.0, torch.bfloat16: 2.0}, torch.bfloat16, " (1.5x faster than float32 here)"),
+        (True, {torch.float32: 1.0, torch.bfloat16: 2.5}, torch.float32, " (bfloat16 2.5x slower here)"),
+    ],
+    ids=["no-bf16-instructions", "bf16-faster", "bf16-slower"],
+)
+def test_auto_on_a_cpu_picks_bfloat16_only_where_it_trains_faster(
+    native, seconds, picked, why, monkeypatch, tf32_flags
+):
+    """The instructions alone do not say that bfloat16 pays for a given model: auto times a step in each and keeps
+    the faster, and says why. Without the instructions bfloat16 is emulated, many times slower: nothing to time."""
     monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: native)
-    dtype, autocast, scaler = gpt.precision(gpt.Config(), CPU)
-    assert dtype == (torch.bfloat16 if native else torch.float32) and not scaler.is_enabled()
-    assert isinstance(autocast, torch.autocast) == native
-    if native:
+    dtype, autocast, scaler, said = gpt.precision(gpt.Config(), CPU, seconds.get if seconds else no_trial)
+    assert (dtype, said) == (picked, why) and not scaler.is_enabled()
+    assert isinstance(autocast, torch.autocast) == (picked == torch.bfloat16)
+    if picked == torch.bfloat16:
         assert (autocast.device, autocast.fast_dtype) == ("cpu", torch.bfloat16)
 
 
 @pytest.mark.parametrize(("dtype", "scaled"), [("bfloat16", False), ("float16", True), ("float32", False)])
 def test_every_dtype_runs_on_any_cpu(dtype, scaled, monkeypatch, tf32_flags):
     monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: False)  # named, not picked: even where it is emulated
-    got, autocast, scaler = gpt.precision(gpt.Config(dtype=dtype), CPU)
-    assert got == getattr(torch, dtype) and scaler.is_enabled() == scaled  # float16 gets the scaler, as on a T4
+    got, autocast, scaler, why = gpt.precision(gpt.Config(dtype=dtype), CPU, no_trial)  # named: nothing is timed
+    assert got == getattr(torch, dtype) and scaler.is_enabled() == scaled and why == ""  # float16: scaled, as a T4
     assert (getattr(autocast, "fast_dtype", torch.float32), getattr(autocast, "device", "cpu")) == (got, "cpu")
 
 
@@ -288,7 +307,7 @@ def test_the_bfloat16_probe_says_what_the_cpu_says():
 
 def test_mixed_precision_on_apple_gpus_is_refused_in_one_line():
     with pytest.raises(gpt.UserError, match=r"^--dtype=float16 is not supported on mps here; use --dtype=float32 "):
-        gpt.precision(gpt.Config(dtype="float16"), torch.device("mps"))
+        gpt.precision(gpt.Config(dtype="float16"), torch.device("mps"), no_trial)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -1,0 +1,138 @@
+"""The two commands work on any machine: --help on every script, a dtype that auto picks by timing this model on this
+CPU, a note on a long run that times what the run does, sampling that draws on the CPU, and a suite that tells a new
+user how to get the corpus."""
+
+import inspect
+import json
+import re
+from dataclasses import fields
+
+import pytest
+import torch
+from conftest import ROOT, TINY, find_corpus, run_script
+
+import gpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- --help -------------------------------------------------------------------------------------------------------
+
+
+def comments(source):
+    """name -> comment of every `name: type = default  # comment` line of a class's source."""
+    return dict(re.findall(r"^    (\w+): .+?  # (.+)$", source, flags=re.M))
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", ["gpt.py", "bigram.py", "bench.py"])
+def test_help_prints_every_knob_with_its_default_and_comment(script, flag):
+    r = run_script(script, flag, "--n_layer=ten")  # --help wins over anything else on the line, even a bad value
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"usage: python {script} [--name=value ...]")
+    bench = script == "bench.py"
+    defaults = {"gpt.py": gpt.Config(), "bigram.py": __import__("bigram").DEFAULTS}.get(script)
+    source = (ROOT / script).read_text() if bench else ""
+    described = comments(inspect.getsource(gpt.Config)) | comments(source)
+    names = [f.name for f in fields(gpt.Config)] + (["steps", "json", "text_mb"] if bench else [])
+    assert len(re.findall(r"^  --\w+=", r.stdout, flags=re.M)) == len(names)
+    for name in names:
+        default = getattr(defaults or gpt.Config(), name, None)
+        shown = f"{default:g}" if type(default) is float else default
+        shown = repr(shown) if shown == "" or not str(shown).isprintable() else shown
+        assert re.search(rf"^  --{name}={re.escape(str(shown))} +{re.escape(described[name])}$", r.stdout, re.M), name
+    if script == "bigram.py":  # its own defaults, not gpt.py's
+        assert "--block_size=8 " in r.stdout and "--learning_rate=0.01 " in r.stdout
+
+
+# ---- auto picks the faster dtype on this CPU ------------------------------------------------------------------------
+
+
+def test_the_dtype_trial_leaves_training_exactly_as_float32_would_have_it(corpus, tmp_path, monkeypatch, capsys):
+    """auto on a CPU with bfloat16 instructions times real steps of this model in float32 and in bfloat16. The trial
+    draws no random number that training uses and changes no weight: where it keeps float32, the run is the run of
+    --dtype=float32, bit for bit. (The timings are made to favour float32 here, so that the test holds on any CPU.)"""
+    args = [*TINY, f"--data={corpus}", "--dropout=0.1"]
+    assert gpt.main([*args, f"--out_dir={tmp_path / 'float32'}"]) == 0
+    timed, real = [], gpt.seconds_per_batch
+
+    def slow_bfloat16(model, data, cfg, device, autocast, train=True):
+        seconds = real(model, data, cfg, device, autocast, train)  # a real forward and backward, in that dtype
+        timed.append(getattr(autocast, "fast_dtype", torch.float32))
+        return seconds * (3 if timed[-1] == torch.bfloat16 else 1) + (1.0 if timed[-1] == torch.bfloat16 else 0)
+
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(gpt, "seconds_per_batch", slow_bfloat16)
+    capsys.readouterr()
+    assert gpt.main([*[a for a in args if a != "--dtype=float32"], f"--out_dir={tmp_path / 'auto'}"]) == 0
+    assert timed[:2] == [torch.float32, torch.bfloat16]  # the trial, before the step and batch timed for the note
+    header = capsys.readouterr().out.splitlines()[0]
+    assert re.search(r"\| float32 \(bfloat16 \d+\.\dx slower here\) \|", header), header
+    rows = [
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("float32", "auto")
+    ]
+    assert [(r["train_loss"], r["val_loss"], r["sample"]) for r in rows[0]] == [
+        (r["train_loss"], r["val_loss"], r["sample"]) for r in rows[1]
+    ]
+    weights = [gpt.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("float32", "auto")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_an_explicit_dtype_is_obeyed_and_not_timed(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(gpt, "cpu_dtype", lambda seconds: pytest.fail("an explicit --dtype was second-guessed"))
+    argv = [*TINY, f"--data={corpus}", "--dtype=bfloat16", "--max_iters=2", f"--out_dir={tmp_path}"]
+    assert gpt.main(argv) == 0
+    assert "| device cpu | bfloat16 | compile off |" in capsys.readouterr().out
+
+
+# ---- the note on a long run -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_the_note_counts_every_step_and_every_evaluation_batch(accum, corpus, tmp_path, monkeypatch, capsys):
+    """The projected time is the run's steps times a timed training step (forward and backward) plus its evaluations'
+    batches times a timed evaluation batch, each micro-batch of gradient accumulation counted."""
+    seconds = {True: 0.75, False: 0.1}  # a micro-batch's forward and backward; an evaluation batch
+    monkeypatch.setattr(gpt, "seconds_per_batch", lambda *args, train=True: seconds[train])
+    argv = [*TINY, f"--data={corpus}", "--max_iters=3000", "--eval_interval=1000", "--eval_iters=50"]
+    argv += [f"--gradient_accumulation_steps={accum}", "--eval_sample=0", "--compile=0", f"--out_dir={tmp_path}"]
+    monkeypatch.setattr(gpt, "train_step", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt(2)))
+    gpt.main(argv)  # stopped at its first step: the note comes before it
+    expected = accum * (3000 * 0.75 + 4 * 2 * 50 * 0.1)  # 4 evaluations (0, 1000, 2000, 3000) of 2 x 50 batches
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
+    assert note.startswith(f"note: this run will take about {gpt.format_duration(expected)} on cpu; ")
+
+
+# ---- sampling draws on the CPU --------------------------------------------------------------------------------------
+
+
+def test_the_next_character_is_drawn_on_the_cpu_and_never_one_top_k_forbade(monkeypatch):
+    """torch.multinomial on Apple's MPS has drawn characters of probability 0; the draw is made on the CPU, whatever
+    the device of the logits, from a CPU generator, and comes back to the logits' device."""
+    drawn_from, multinomial = [], torch.multinomial
+
+    def spy(probs, num_samples, generator=None):
+        drawn_from.append((probs.device.type, None if generator is None else generator.device.type))
+        return multinomial(probs, num_samples, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    logits = torch.randn(4, 65, generator=torch.Generator().manual_seed(0))
+    allowed = torch.topk(logits, 3).indices
+    for seed in range(50):
+        idx = gpt.sample_next(logits, temperature=1.5, top_k=3, generator=torch.Generator().manual_seed(seed))
+        assert idx.device == logits.device and idx.shape == (4, 1)
+        assert all(i in row for i, row in zip(idx[:, 0].tolist(), allowed.tolist(), strict=True))
+    assert set(drawn_from) == {("cpu", "cpu")}
+
+
+# ---- a new user without the corpus ----------------------------------------------------------------------------------
+
+
+def test_a_missing_corpus_is_explained_with_the_command_that_fetches_it(tmp_path):
+    with pytest.raises(pytest.fail.Exception) as failed:
+        find_corpus(tmp_path)
+    message = str(failed.value)
+    assert 'python -c "import gpt; gpt.load_text()"' in message and gpt.DATA_URL in message
+    assert str(tmp_path / "input.txt") in message and ".." not in message
