@@ -111,8 +111,8 @@ def training(run, steps):
     for _ in range(warmup):
         step()
     ms = 1000 * timed(run.device, lambda: [step() for _ in range(steps)]) / steps
-    peak = gpt.peak_flops(run.device, run.dtype)
-    mfu = gpt.flops_per_token(run.raw_model, cfg) * tokens_per_iter / (ms / 1000) / peak if peak else None
+    peak, flops = gpt.peak_flops(run.device, run.dtype), gpt.flops_per_token(run.raw_model, cfg)
+    mfu = flops * tokens_per_iter / (ms / 1000) / peak if peak and flops else None
     return {
         "warmup_steps": warmup,
         "steps": steps,
@@ -172,6 +172,7 @@ def setup_cost(cfg, repeats=3):
     text, rows = gpt.load_text(cfg.data).encode(), []  # downloaded and checked on first use
     tiny = ["--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=1"]
     tiny += ["--eval_iters=1", "--max_new_tokens=1", f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
+    tiny += ["--compile=false"]  # compiling would cost each run far more than its text; not what is measured here
     with tempfile.TemporaryDirectory() as tmp:
         for mb in (float(size) for size in cfg.text_mb.split(",")):
             path, copies = Path(tmp) / "text.txt", max(1, round(mb * 1e6 / len(text)))  # whole copies: whole characters

@@ -830,21 +830,25 @@ def seconds_per_batch(model, data, cfg, device, autocast, train=True):
         model.train()
 
 
-def compile_model(raw_model, cfg, device, autocast, data, log):
-    """raw_model compiled if cfg says so (unset: on CUDA under Linux), whether it is, and the seconds of a step.
-    Compiling happens at the first call: tried here, on a batch of its own, so step 0 finds it ready, and where it
-    fails (no C compiler, no Triton) training goes on without it."""
+def compile_model(model, cfg, device, autocast, data, log):
+    """model compiled if cfg says so (unset: on CUDA under Linux), whether it is, and the seconds of a step. Compiling
+    happens at the first call: tried here by every process, on a batch of its own, so step 0 finds it ready; where it
+    fails in any process (no C compiler, no Triton), all of them train without it. Under torchrun model is already in
+    DDP, so that Dynamo cuts the graph where DDP's gradient buckets end and the all-reduce overlaps the backward."""
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
-        return raw_model, False, None
-    model = torch.compile(raw_model)  # the model's Python becomes fused kernels
-    try:
-        return model, True, seconds_per_batch(model, data, cfg, device, autocast)
+        return model, False, None
+    compiled, failed, seconds = torch.compile(model), None, None  # the model's Python becomes fused kernels
+    try:  # no_sync: no gradient travels in the trial, so a process that fails in it leaves no other one waiting
+        with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext():
+            seconds = seconds_per_batch(compiled, data, cfg, device, autocast)
     except Exception as e:
-        if isinstance(e, torch.OutOfMemoryError) or isinstance(e.__cause__, torch.OutOfMemoryError):
+        if any(isinstance(x, torch.OutOfMemoryError) for x in (e, e.__cause__, getattr(e, "inner_exception", None))):
             raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
-        first_line = str(e).strip().partition("\n")[0][:120]
-        log(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); training without it")
-        return raw_model, False, None
+        failed = f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0][:120]}"
+    if in_any_process(failed is not None, device):
+        log(f"warning: torch.compile failed ({failed or 'in another process'}); training without it")
+        return model, False, None
+    return compiled, True, seconds
 
 
 def setup_distributed(device_name):
@@ -853,6 +857,9 @@ def setup_distributed(device_name):
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return device, 0, 1
+    if device.type == "cuda" and int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
+        gpus = f"this machine has {torch.cuda.device_count()} CUDA GPU(s); give torchrun --nproc_per_node at most that"
+        raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but {gpus}")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -877,6 +884,15 @@ def from_rank_0(load, world_size):
     if isinstance(box[0], UserError):
         raise box[0]
     return box[0]
+
+
+def in_any_process(flag, device):
+    """Whether flag is true in this process or in any other (one verdict for all: none goes on alone)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    flags = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
 
 
 def leave_process_group(stop=None):
@@ -930,18 +946,22 @@ class Run:
             self.restore(ckpt)
         if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
             torch.manual_seed(cfg.seed + rank)
-        compiled = compile_model(self.raw_model, cfg, device, self.autocast, self.train_data, self.log)
-        self.model, self.compiled, self.step_s = compiled  # step_s: seconds of a micro-batch's forward and backward
-        if self.master and self.start_step == 0:  # for the note on a long run (Progress): what a step and a batch take
-            data, autocast = self.train_data, self.autocast
-            self.step_s = self.step_s or seconds_per_batch(self.model, data, cfg, device, autocast)
-            self.eval_s = seconds_per_batch(self.model, data, cfg, device, autocast, train=False)
+        self.model = self.raw_model
         if world_size > 1:  # averages the gradients over the processes after each backward pass
             self.model = nn.parallel.DistributedDataParallel(self.model)
+        compiled = compile_model(self.model, cfg, device, self.autocast, self.train_data, self.log)
+        self.model, self.compiled, self.step_s = compiled  # step_s: seconds of a micro-batch's forward and backward
+        if self.master and self.start_step == 0:  # for the note on a long run (Progress): what a step and a batch take
+            data, autocast = self.train_data, self.autocast  # rank 0 alone: the plain model, and no gradients in DDP
+            self.step_s = self.step_s or seconds_per_batch(self.raw_model, data, cfg, device, autocast)
+            self.eval_s = seconds_per_batch(self.model, data, cfg, device, autocast, train=False)
 
     def restore(self, ckpt):
         load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the model's device
+        # AdamW's moments and step count, into this run's optimizer: its settings (weight decay, betas, fused on CUDA),
+        # not those saved with the state, which load_state_dict would otherwise put back
+        this_run = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": this_run})
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         rng, here = ckpt["rng"], self.device.type
@@ -974,6 +994,7 @@ class Run:
         state |= {"scaler": self.scaler.state_dict()}  # float16's loss scale: a resumed run goes on with it
         state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars, "step": step, "best_val": self.best_val}
         state |= {"evaluated_step": self.evaluated_step, "elapsed_s": time.time() - self.t_start}
+        state |= {"world_size": self.world_size}  # a resume with another number says so: the batch changes with it
         save_checkpoint(self.out_dir / name, state)
 
     def interrupted(self, step, stop, progress):
@@ -1008,6 +1029,21 @@ class Run:
             self.lock.close()  # the lock goes with it
 
 
+def say_what_changed(ckpt, cfg, overrides, world_size):
+    """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
+    said = []
+    for name, was in ckpt["config"].items():
+        if name in overrides and name not in ("device", "resume") and getattr(cfg, name) != was:
+            said.append(f"{name} {getattr(cfg, name)} (was {was})")
+    if ckpt.get("world_size", world_size) != world_size:
+        sequences = world_size * cfg.batch_size * cfg.gradient_accumulation_steps
+        said.append(
+            f"{world_size} process(es) (was {ckpt['world_size']}): {sequences} sequences a step, same learning rate"
+        )
+    if said:
+        print(f"note: resuming with settings of its own: {', '.join(said)}")
+
+
 def setup(overrides, defaults=None, make_model=GPT):
     """What train() needs before its first step: the settings (the checkpoint's, when resuming), the
     processes, the run, and out_dir, locked and ready for it."""
@@ -1023,6 +1059,8 @@ def setup(overrides, defaults=None, make_model=GPT):
             raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
         cfg = config_from(ckpt, {"device": cfg.device, **overrides})
         check_config(cfg)
+        if rank == 0:
+            say_what_changed(ckpt, cfg, overrides, world_size)
     hint = "name the ckpt.pt of a trained run"
     init = from_rank_0(lambda: load_checkpoint(cfg.init_from, hint), world_size) if cfg.init_from and not ckpt else None
     if init:  # fine-tuning: the model's shape is the checkpoint's, and the command line may not contradict it
@@ -1049,7 +1087,7 @@ class StopRequest:
     def __init__(self, world_size=1, quiet=False):
         self.signum, self.quiet, self.at_once, self.agreed, self.pending = 0, quiet, False, 0, None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None  # on the CPU: no GPU waits for it
+        self.group = stop_group() if world_size > 1 else None
 
     def handle(self, signum, frame):
         if self.signum or self.at_once:
@@ -1077,25 +1115,46 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def stop_group():
+    """A gloo group of the processes, on the CPU, for the stop agreement: no GPU waits for it. gloo connects on the
+    network interface that the machine's name resolves to; between machines that must be one the others reach."""
+    try:
+        return dist.new_group(backend="gloo")
+    except RuntimeError as e:
+        first = str(e).strip().partition("\n")[0][:150]
+        advice = "set GLOO_SOCKET_IFNAME to the network interface the machines reach each other on (e.g. eth0)"
+        raise UserError(f"the processes could not connect over gloo ({first}): {advice}") from None
+
+
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
 # A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32), for MFU; by the card's name
 # as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100 (SXM).
-PEAK_TFLOPS = {"H100": (989, 494), "H200": (989, 494), "GH200": (989, 494), "H100 PCIE": (756, 378)}
-PEAK_TFLOPS |= {"H100 NVL": (835, 418), "H200 NVL": (835, 418), "A100": (312, 156), "A100 PCIE": (312, 156)}
-PEAK_TFLOPS |= {"L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60), "A10": (125, 62.5), "RTX 4090": (165, 83)}
-PEAK_TFLOPS |= {"RTX 3090": (71, 36), "V100": (125, 15.7), "V100 PCIE": (112, 14), "T4": (65, 8.1)}
+PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67), "H100 PCIE": (756, 378, 51)}
+PEAK_TFLOPS |= {"H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60), "A100": (312, 156, 19.5)}
+PEAK_TFLOPS |= {
+    "A100 PCIE": (312, 156, 19.5),
+    "L40S": (362, 183, 91.6),
+    "L40": (181, 90.5, 90.5),
+    "L4": (121, 60, 30.3),
+}
+PEAK_TFLOPS |= {"A10": (125, 62.5, 31.2), "RTX 4090": (165, 83, 82.6), "RTX 3090": (71, 36, 35.6)}
+PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65, 8.1, 8.1)}  # no TF32 before A100
 
 
 def peak_flops(device, dtype):
-    """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards)."""
+    """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards). float32 runs in
+    TF32 unless --dtype=float32 turned it off (precision): then at the plain float32 rate, often 7x slower."""
     words = torch.cuda.get_device_name(device).upper().replace("-", " ").split() if device.type == "cuda" else []
     card = " ".join(w for w in words if not re.fullmatch(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\w*|SXM\d*", w))
-    return 1e12 * PEAK_TFLOPS[card][dtype == torch.float32] if card in PEAK_TFLOPS else None
+    column = 0 if dtype != torch.float32 else 1 if torch.backends.cuda.matmul.allow_tf32 else 2
+    return 1e12 * PEAK_TFLOPS[card][column] if card in PEAK_TFLOPS else None
 
 
 def flops_per_token(model, cfg):
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV."""
-    return 6 * sum(p.numel() for p in model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    """Training FLOPs per token: 6 per weight of a matrix product (forward 2, backward 4; the embeddings are lookups,
+    not products) plus attention's QK^T and AV. 0 for a model without Linear layers: nothing to report an MFU of."""
+    weights = sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    return 6 * weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size if weights else 0
 
 
 def count_evaluations(cfg):
@@ -1110,6 +1169,9 @@ def format_duration(seconds):
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+NONE = 2**62  # no step: the first step whose loss was not finite, while there is none
+
+
 class Progress:
     """A run's reports. ms/it times the training steps alone (elapsed_s in metrics.jsonl counts everything). A loss that
     is not finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
@@ -1119,8 +1181,8 @@ class Progress:
         sequences = cfg.batch_size * cfg.gradient_accumulation_steps * n  # the effective batch
         self.tokens_per_iter = sequences * cfg.block_size
         self.flops_per_gpu = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter / n  # each GPU's share
-        self.peak = peak_flops(run.device, run.dtype)
-        self.first_bad = torch.tensor(-1, device=run.device)  # the first step whose loss was not finite
+        self.peak = peak_flops(run.device, run.dtype) if self.flops_per_gpu else None
+        self.first_bad = torch.tensor(NONE, device=run.device)  # the first step whose loss was not finite
         self.losses, self.ms_per_iter, self.eval_s = None, None, 0.0
         n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype).removeprefix("torch.")
         compiled, batch = "on" if run.compiled else "off", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}"
@@ -1145,11 +1207,13 @@ class Progress:
 
     def watch(self, step, loss):
         """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
 
     def check_finite(self):
+        if self.run.world_size > 1:  # a loss gone NaN in one process stops all of them, at the same step
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
         step = self.first_bad.item()  # waits for the GPU: called only where the loop stops anyway
-        if step >= 0:
+        if step < NONE:
             causes = "a learning rate too high (lower --learning_rate, keep --grad_clip on) or too little precision"
             kept = f"(try --dtype=float32); the last good checkpoint in {self.run.out_dir}/ is kept"
             raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
@@ -1269,7 +1333,9 @@ def main(argv=None, defaults=None, make_model=GPT):
         overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
         return (sample if overrides.get("sample") else train)(overrides, defaults, make_model)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: the first one says why
+            print(f"error: {e}", file=sys.stderr)
+        leave_process_group()
         return 1
     except torch.OutOfMemoryError:  # while setting up or sampling (training says it with its own settings)
         print(f"error: {out_of_memory(replace(defaults or Config(), **overrides))}", file=sys.stderr)

@@ -58,12 +58,13 @@ import json, os, subprocess, sys, time
 # another thread held at the fork (seen here: a gloo rank that never returned from its teardown)
 CHILD = (
     "import faulthandler, json, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
-    "sys.path.insert(0, sys.argv[1]); import gpt; sys.exit(gpt.main(json.loads(sys.argv[2])))"
+    "sys.path.insert(0, sys.argv[1]); import gpt; exec(sys.argv[3]); sys.exit(gpt.main(json.loads(sys.argv[2])))"
 )
 
 def start(job):
     with open(job["stdout"], "w") as out, open(job["stderr"], "w") as err:
-        return subprocess.Popen([sys.executable, "-c", CHILD, sys.argv[1], json.dumps(job["argv"])],
+        argv = [sys.executable, "-c", CHILD, sys.argv[1], json.dumps(job["argv"]), job["prelude"]]
+        return subprocess.Popen(argv,
                                 stdout=out, stderr=err, env={**os.environ, **job["env"]}, cwd=job["cwd"])
 
 for line in sys.stdin:
@@ -75,6 +76,33 @@ for line in sys.stdin:
                 print(json.dumps({name: child.returncode}), flush=True)
                 del running[name]
         time.sleep(0.05)
+"""
+
+
+# Each process counts the graphs that torch.compile hands its backend while DDP's forward runs, and outside it: Dynamo
+# splits the graph at DDP's gradient buckets (so that their all-reduce overlaps the backward) only inside it.
+COUNT_GRAPHS = """
+import atexit, json, torch
+from torch.nn.parallel import DistributedDataParallel
+graphs = {"in DDP": 0, "outside": 0}
+def counting(gm, example_inputs):
+    graphs["in DDP" if DistributedDataParallel._get_active_ddp_module() is not None else "outside"] += 1
+    return gm.forward
+compile = torch.compile
+torch.compile = lambda model: compile(model, backend=counting)
+atexit.register(lambda: print("graphs " + json.dumps(graphs), flush=True))
+"""
+
+# Rank 1 alone sees its loss turn into NaN at its third step (step 2), just before the evaluation of step 3.
+NAN_ON_RANK_1 = """
+import os
+if os.environ["RANK"] == "1":
+    steps, train_step = [], gpt.train_step
+    def train_step_gone_nan(*args):
+        steps.append(1)
+        loss = train_step(*args)
+        return loss * float("nan") if len(steps) == 3 else loss
+    gpt.train_step = train_step_gone_nan
 """
 
 
@@ -99,9 +127,10 @@ class Run:
     """One run of `gpt.py args` with world_size processes: its folder holds out/ (its out_dir) and the
     output of each rank, stdout0, stderr0, stdout1, ... (torchrun's runs: only stdout0 and stderr0)."""
 
-    def __init__(self, folder, args, world_size=1, elsewhere=False):
-        """elsewhere: rank 0 runs in folder, the others in folder/elsewhere, and out_dir is the relative path out."""
-        self.folder, self.world_size, self.elsewhere = Path(folder), world_size, elsewhere
+    def __init__(self, folder, args, world_size=1, elsewhere=False, prelude=""):
+        """elsewhere: rank 0 runs in folder, the others in folder/elsewhere, and out_dir is the relative path out.
+        prelude: Python that each process runs after importing gpt, before gpt.main (a stand-in, a counter)."""
+        self.folder, self.world_size, self.elsewhere, self.prelude = Path(folder), world_size, elsewhere, prelude
         self.out_dir = self.folder / "out"
         self.args = [*args, f"--out_dir={'out' if elsewhere else self.out_dir}"]
         self.folder.mkdir(parents=True)
@@ -134,6 +163,7 @@ class Run:
                 "stdout": str(self.folder / f"stdout{rank}"),
                 "stderr": str(self.folder / f"stderr{rank}"),
                 "cwd": str(self.folder / "elsewhere" if self.elsewhere and rank > 0 else self.folder),
+                "prelude": self.prelude,
             }
         return jobs
 
@@ -247,6 +277,7 @@ def runs(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("ddp")
     common = [*SETTINGS, f"--data={corpus}"]
     long_run = [*common, "--batch_size=4", "--max_iters=100000", "--eval_interval=100000"]
+    short = [*common, "--batch_size=4", f"--max_iters={STEPS}"]
     runs = {
         "a": Run(root / "a", [*common, "--batch_size=4", f"--max_iters={STEPS}"], world_size=2),
         "b": Run(root / "b", [*common, "--batch_size=8", f"--max_iters={STEPS}"]),
@@ -257,12 +288,15 @@ def runs(tmp_path_factory, corpus):
         "torchrun_sig": Run(root / "torchrun_sig", long_run, world_size=2),
         # an evaluation of 10^6 batches: Ctrl-C in a terminal sends SIGINT to every process
         "eval_sig": Run(root / "eval_sig", [*long_run, "--eval_iters=1000000"], world_size=2),
+        "compiled": Run(root / "compiled", [*short, "--compile=true"], world_size=2, prelude=COUNT_GRAPHS),
+        "nan": Run(root / "nan", short, world_size=2, prelude=NAN_ON_RANK_1),
+        "nothing_to_resume": Run(root / "nothing_to_resume", [*short, "--resume"], world_size=2),  # under torchrun
     }
     deadline = time.monotonic() + TIMEOUT
-    launchers = {name: runs[name].torchrun() for name in ("a", "torchrun_sig")}
+    launchers = {name: runs[name].torchrun() for name in ("a", "torchrun_sig", "nothing_to_resume")}
     forker = Forker(root)
     try:
-        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig")]
+        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig", "compiled", "nan")]
         pids = forker.start(first, deadline)
         interrupt_when_training(runs["sig"], lambda: os.kill(pids["sig/1"], signal.SIGTERM), deadline)
         ctrl_c = lambda: [os.kill(pids[f"eval_sig/{rank}"], signal.SIGINT) for rank in range(2)]
@@ -485,3 +519,37 @@ def test_the_processes_agree_on_a_stop_a_step_later_without_waiting(monkeypatch)
         assert sent == [0, 0, 0, 0]
     finally:
         stop.restore()
+
+
+# ---- one verdict for all processes ----------------------------------------------------------------------
+
+
+def test_under_torchrun_the_model_is_compiled_inside_ddp(runs):
+    """DDP first, torch.compile after, and the compile trial before step 0 run through both: every graph is compiled
+    while DDP's forward runs, where Dynamo cuts it at the gradient buckets. (When the trial compiled the model before
+    DDP wrapped it, no graph was compiled inside DDP, and the gradients were all-reduced after the whole backward.)"""
+    run = finished(runs["compiled"])
+    assert "| compile on |" in run.stdout()
+    for rank in range(2):
+        graphs = json.loads(next(line for line in run.stdout(rank).splitlines() if line.startswith("graphs "))[7:])
+        assert graphs["in DDP"] >= 2 and graphs["outside"] == 0, graphs  # training's graph and evaluation's
+
+
+def test_a_loss_gone_nan_in_one_process_stops_all_of_them_with_one_error(runs):
+    """Before, the process that saw it stopped while the other entered the evaluation's all-reduce, and died there
+    (gloo) or hung (NCCL). Now all agree on the first bad step before the evaluation, and rank 0 alone says so."""
+    run = runs["nan"]
+    assert run.returncodes == [1, 1], run.stdout() + run.stderr(0) + run.stderr(1)
+    errors = [line for rank in range(2) for line in run.stderr(rank).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: the loss was not finite at step 2: training stopped.")
+    assert errors[0] in run.stderr(0).splitlines()
+    assert "Traceback" not in run.stderr(0) + run.stderr(1)
+    assert [r["step"] for r in metrics(run)] == [0]  # the broken model was never evaluated, nor saved
+
+
+def test_a_mistake_under_torchrun_is_one_error_line(runs):
+    run = runs["nothing_to_resume"]
+    assert run.returncodes != [0]
+    errors = [line for line in run.stderr().splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --resume, but there is no checkpoint in {run.out_dir}/; train without --resume first"]
+    assert "destroy_process_group" not in run.stderr()  # each process left its process group before exiting

@@ -51,33 +51,37 @@ def interrupt_during_step(monkeypatch, call):
 
 # ---- figures you can trust ------------------------------------------------------------------------------------
 
-CARDS = {  # the name the driver gives -> the peak (bfloat16, TF32) in TFLOP/s, or None: unknown, no MFU shown
-    "NVIDIA H100 80GB HBM3": (989, 494),
-    "NVIDIA H100 PCIe": (756, 378),
-    "NVIDIA H100 NVL": (835, 418),
-    "NVIDIA H200": (989, 494),
-    "NVIDIA A100-SXM4-80GB": (312, 156),
-    "NVIDIA A100-PCIE-40GB": (312, 156),
-    "NVIDIA L40S": (362, 183),
-    "NVIDIA L40": (181, 90.5),
-    "NVIDIA L4": (121, 60),
-    "NVIDIA A10": (125, 62.5),
+CARDS = {  # the name the driver gives -> the peak (bfloat16, TF32, float32) in TFLOP/s, or None: unknown, no MFU shown
+    "NVIDIA H100 80GB HBM3": (989, 494, 67),
+    "NVIDIA H100 PCIe": (756, 378, 51),
+    "NVIDIA H100 NVL": (835, 418, 60),
+    "NVIDIA H200": (989, 494, 67),
+    "NVIDIA A100-SXM4-80GB": (312, 156, 19.5),
+    "NVIDIA A100-PCIE-40GB": (312, 156, 19.5),
+    "NVIDIA L40S": (362, 183, 91.6),
+    "NVIDIA L40": (181, 90.5, 90.5),
+    "NVIDIA L4": (121, 60, 30.3),
+    "NVIDIA A10": (125, 62.5, 31.2),
     "NVIDIA A10G": None,  # not an A10
-    "NVIDIA GeForce RTX 4090": (165, 83),
+    "NVIDIA GeForce RTX 4090": (165, 83, 82.6),
     "NVIDIA GeForce RTX 4090 Laptop GPU": None,  # a far slower chip under the same number
-    "Tesla V100-SXM2-16GB": (125, 15.7),
-    "Tesla V100-PCIE-32GB": (112, 14),
-    "Tesla T4": (65, 8.1),
+    "Tesla V100-SXM2-16GB": (125, 15.7, 15.7),
+    "Tesla V100-PCIE-32GB": (112, 14, 14),
+    "Tesla T4": (65, 8.1, 8.1),
     "NVIDIA H800": None,
 }
 
 
 @pytest.mark.parametrize("name", CARDS)
-def test_the_card_table_matches_whole_card_names(name, monkeypatch):
+def test_the_card_table_matches_whole_card_names(name, monkeypatch, tf32_flags):
+    """Each card's peak in bfloat16, in float32 run as TF32 (auto), and in plain float32 (--dtype=float32 turns TF32
+    off: on an H100 the peak is then 67 TFLOP/s, not 494, and an MFU against 494 would show 7x too low)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
-    cuda = torch.device("cuda")
-    got = [gpt.peak_flops(cuda, dtype) for dtype in (torch.bfloat16, torch.float32)]
-    assert got == ([None, None] if CARDS[name] is None else [1e12 * peak for peak in CARDS[name]])
+    cuda, got = torch.device("cuda"), []
+    for dtype, tf32 in [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)]:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        got.append(gpt.peak_flops(cuda, dtype))
+    assert got == ([None] * 3 if CARDS[name] is None else [1e12 * peak for peak in CARDS[name]])
     assert gpt.peak_flops(CPU, torch.float32) is None
 
 
