@@ -76,26 +76,27 @@ def peak_memory(device):
 
 
 def bench(cfg):
-    """Every figure, as one dict: the run is built as python gpt.py builds it, with random weights."""
-    device = gpt.resolve_device(cfg.device)
-    run = gpt.Run(cfg, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    result = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(run.dtype).removeprefix("torch."),
-        "compile": run.compiled,
-        "params": sum(p.numel() for p in run.raw_model.parameters()),
-        "config": asdict(gpt.Config(**{k: v for k, v in asdict(cfg).items() if k in gpt.Config.__annotations__})),
-        "weights": "random",
-    }
-    result |= training(run, cfg.steps or (50 if device.type == "cuda" else 5))
-    result |= evaluation(run, result["steps"], result["train_ms_per_iter"])
-    result["peak_mem_mb"], result["peak_mem_kind"] = peak_memory(device)
-    return result | sampling(run)
+    """Every figure, as one dict: the run is built as python gpt.py builds it (gpt.build), with random weights."""
+    with gpt.Run({}, defaults=cfg, files=False) as run:
+        gpt.build(run.cfg, run)
+        device = run.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "dtype": str(run.dtype).removeprefix("torch."),
+            "compile": run.compiled,
+            "params": sum(p.numel() for p in run.raw_model.parameters()),
+            "config": asdict(gpt.Config(**{k: v for k, v in asdict(cfg).items() if k in gpt.Config.__annotations__})),
+            "weights": "random",
+        }
+        result |= training(run, cfg.steps or (50 if device.type == "cuda" else 5))
+        result |= evaluation(run, result["steps"], result["train_ms_per_iter"])
+        result["peak_mem_mb"], result["peak_mem_kind"] = peak_memory(device)
+        return result | sampling(run)
 
 
 def training(run, steps):
@@ -105,8 +106,7 @@ def training(run, steps):
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
 
     def step():
-        x, y = gpt.get_share(run.train_data, cfg, run.batch_gen)  # (accum,B,T)
-        gpt.train_step(run.model, run.optimizer, run.scaler, x, y, cfg.learning_rate, cfg.grad_clip, run.autocast)
+        gpt.train_step(run.model, run.optimizer, run.splits["train"], cfg.learning_rate, cfg, run)
 
     for _ in range(warmup):
         step()
@@ -126,10 +126,10 @@ def training(run, steps):
 def evaluation(run, steps, train_ms):
     """Evaluation as gpt.train runs it (eval_iters batches of each split, without gradients, under autocast; then the
     line of text, eval_sample characters), and the shares of a whole run with these settings that each takes."""
-    cfg, splits = run.cfg, {"train": run.train_data, "val": run.val_data}
-    gpt.estimate_loss(run.model, splits, replace(cfg, eval_iters=1), run.batch_gen, run.autocast)  # warm-up
+    cfg, splits = run.cfg, run.splits
+    gpt.estimate_loss(run.model, splits, replace(cfg, eval_iters=1), run)  # warm-up
     timed_cfg = replace(cfg, eval_iters=steps)  # 2 * steps batches
-    eval_s = timed(run.device, lambda: gpt.estimate_loss(run.model, splits, timed_cfg, run.batch_gen, run.autocast))
+    eval_s = timed(run.device, lambda: gpt.estimate_loss(run.model, splits, timed_cfg, run))
     eval_ms = 1000 * eval_s / (2 * steps)
     line_s = [timed(run.device, lambda: gpt.sample_line(run)) for _ in range(2)][1] if cfg.eval_sample else 0.0
     evals = gpt.count_evaluations(cfg)

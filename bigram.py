@@ -37,6 +37,7 @@ DEFAULTS = replace(
     max_iters=3000,
     eval_interval=300,
     dropout=0.0,
+    compile=False,  # nothing to fuse in a table
     out_dir="out-bigram",
 )
 
@@ -83,7 +84,7 @@ def compare_with_counts(cfg):
     tokenizer = gpt.CharTokenizer(ckpt["vocab"])
     train, val = gpt.split_data(torch.tensor(tokenizer.encode(gpt.load_text(cfg.data)), dtype=torch.long))
     model = BigramLanguageModel(tokenizer.vocab_size, cfg)
-    gpt.load_model_state(model, ckpt, path)
+    gpt.load_weights(model, ckpt, path)
     ours = whole_split_loss(model, val)
     reference = count_based_loss(train.numpy(), val.numpy(), tokenizer.vocab_size)
     print(

@@ -3,12 +3,13 @@
 It follows the lecture "Let's build GPT: from scratch, in code, spelled out" (A. Karpathy, 2023): a decoder-only
 Transformer learns to continue tiny Shakespeare one character at a time, then writes new "Shakespeare" of its own.
 
-    PART 1, THE GPT        1. hyperparameters  2. data  3. model  4. training  5. sampling: the lecture, in order
-    PART 2, THE MACHINERY  command line, download, checkpoints, devices, several processes, setting up a run,
-                           interrupts, progress reports, the KV cache, main(): a first read can stop before it
+    PART 1, THE GPT        hyperparameters, data, model, training, sampling: the lecture's whole flow, in its order
+    PART 2, THE MACHINERY  what a real machine adds around it (command line, files, devices, precision, several
+                           processes, interrupts, progress reports): a first read can stop before it
 
     python gpt.py                          train with the defaults below, then print a sample
     python gpt.py --sample --prompt=ROMEO: write text with the model saved in out/ckpt.pt
+    python gpt.py --help                   every knob, with its default
 """
 
 import argparse
@@ -70,7 +71,7 @@ class Config:
     seed: int = 1337  # fixes the initial weights, the batches, dropout and sampling
     # system
     device: str = "auto"  # auto: cuda if present, then mps (Apple), then cpu; or name one
-    dtype: str = "auto"  # auto: bfloat16 where the GPU or CPU computes in it, float16 on older GPUs, else float32
+    dtype: str = "auto"  # auto: bfloat16 on recent GPUs, float16 on older ones; on a CPU whichever is faster here
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA under Linux, off elsewhere
     out_dir: str = "out"  # where ckpt.pt (best val), last.pt (on interrupt) and metrics.jsonl go
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -87,15 +88,31 @@ class Config:
 # The lecture's gpt.py, for comparison: batch_size=64 block_size=256 max_iters=5000 eval_interval=500
 # learning_rate=3e-4 (constant) eval_iters=200 n_embd=384 n_head=6 n_layer=6 dropout=0.2 -> val 1.48.
 
-# A run that fits a laptop: val 1.74 in about 2 minutes on two CPU cores (README: "What to expect"): a smaller
-# model, no dropout, a higher learning rate. command_line(CPU_RECIPE) spells it out as the command to type.
+# A run that fits a laptop: val about 1.74 in about 2 minutes on two CPU cores (README): a smaller model, no dropout,
+# a higher learning rate. command_line(CPU_RECIPE) spells it out as the command to type.
 CPU_RECIPE = replace(Config(), block_size=64, batch_size=16, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
 CPU_RECIPE = replace(CPU_RECIPE, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, eval_iters=20, device="cpu")
 CPU_RECIPE = replace(CPU_RECIPE, eval_interval=250, out_dir="out-cpu")  # its own folder: not the default run's
 
 
-# ---- 2. Data: the text, its characters as integers, and random batches of windows. (Part 2's read_corpus reads a
-# text of any size into the same integers with numpy, and downloads tiny Shakespeare on first use.)
+class Machine:
+    """What the lesson's functions ask of the machine they run on, at its plainest: one process, float32, torch's own
+    random numbers (as in the lecture). Part 2's Run answers the same questions for a real machine: a GPU, mixed
+    precision, several processes, batches drawn from a generator of their own."""
+
+    rank, world_size = 0, 1  # this process, of how many (Part 2: several under torchrun)
+    batches = None  # the generator that batches are drawn from; None: torch's own
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # float16's loss scaling: off
+
+    def forward(self, last=True):
+        """The context a forward pass runs in (Part 2: autocast; with several processes, when gradients travel)."""
+        return contextlib.nullcontext()
+
+
+PLAIN = Machine()
+
+
+# ---- 2. Data: the text, its characters as integers, and random batches of windows.
 class CharTokenizer:
     """Characters <-> integers. The vocabulary is the sorted set of characters in the text (65 for tiny
     Shakespeare); it is saved with every checkpoint, since the model only knows these integers."""
@@ -128,23 +145,17 @@ def split_data(data):
     return data[:n], data[n:]
 
 
-def get_batch(data, batch_size, block_size, generator):
+def get_batch(data, cfg, run=PLAIN):
     """batch_size random windows of the text: inputs x (B,T) and targets y (B,T), y being x shifted by one.
 
     Position t of a window is a training example with context x[:t+1] and answer y[t], so one window of
-    block_size characters holds block_size examples. The windows are gathered in one indexing operation."""
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)  # starts
-    windows = data[ix[:, None] + torch.arange(block_size + 1, device=data.device)].long()  # (B,T+1) as int64
+    block_size characters holds block_size examples. With several processes all draw the same windows and each
+    keeps its own batch_size of them, so that the batches do not depend on how the work is split."""
+    starts = (cfg.batch_size * run.world_size,)
+    ix = torch.randint(len(data) - cfg.block_size, starts, generator=run.batches, device=data.device)
+    ix = ix[run.rank * cfg.batch_size : (run.rank + 1) * cfg.batch_size]  # this process's share
+    windows = data[ix[:, None] + torch.arange(cfg.block_size + 1, device=data.device)].long()  # (B,T+1), gathered
     return windows[:, :-1], windows[:, 1:]
-
-
-def get_share(data, cfg, generator, rank=0, world_size=1):
-    """A step's batch, as this process takes it: x, y of shape (accum,B,T), accum micro-batches of batch_size.
-    All processes draw the same global batch and keep their share, so the batches do not depend on the split."""
-    accum = cfg.gradient_accumulation_steps
-    x, y = get_batch(data, cfg.batch_size * accum * world_size, cfg.block_size, generator)
-    shares = (accum, world_size, cfg.batch_size, cfg.block_size)  # (accum * world * B, T) -> (accum,world,B,T)
-    return x.reshape(shares)[:, rank], y.reshape(shares)[:, rank]
 
 
 # ---- 3. The model.
@@ -171,18 +182,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B,T,C)
         # split the channels into heads: (B,T,C) -> (B,T,nh,hs) -> (B,nh,T,hs), the heads now a batch dim
         q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:  # sampling: the keys and values of earlier positions join in (Part 2, KVCache)
+        if cache is not None:  # sampling with a KV cache (Part 2): the keys and values of the characters before these
             k, v = cache.extend(self, k, v)  # (B,nh,Tk,hs)
-        Tk = k.size(2)  # the positions attended to: the T of x, or more with a cache
-        # tril[i, j] (T,Tk) says whether the i-th of the T newest positions may look at position j: at itself and the
-        # past only. The fused kernel needs it only with a cache (is_causal does the rest). The lecture keeps it as a
-        # buffer; made here, there is no buffer for DDP to copy between processes at every step.
-        tril = None if self.fused and T == Tk else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        if self.fused:  # one kernel, no (T,Tk) matrix in memory; dropout only while training
+        Tk = k.size(2)  # the positions attended to: T, or with a cache those before them too
+        if self.fused:  # the same in one kernel, without the (T,Tk) matrix; is_causal masks as tril below does, and a
+            # single new character after a cache (the only other case: a cache is fed one character or a whole window)
+            # may look at all of it
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, tril, dropout_p, is_causal=tril is None)
-        else:  # the same, spelled out as in the lecture
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:  # the formula, spelled out as in the lecture
             wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
+            tril = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)  # each sees itself and the past
             wei = wei.masked_fill(~tril, float("-inf"))  # the future may not talk to the past
             wei = F.softmax(wei, dim=-1)  # each row: weights that sum to 1
             wei = self.attn_dropout(wei)
@@ -244,9 +254,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
-        start = len(cache) if cache is not None else 0  # with a KV cache, idx continues the cached positions
+        first = len(cache) if cache is not None else 0  # with a KV cache, idx continues the positions it holds
         tok_emb = self.token_embedding_table(idx)  # (B,T,C) what each character is
-        pos_emb = self.position_embedding_table(torch.arange(start, start + T, device=idx.device))  # (T,C) where
+        pos_emb = self.position_embedding_table(torch.arange(first, first + T, device=idx.device))  # (T,C) where
         x = self.drop(tok_emb + pos_emb)  # (B,T,C)
         for block in self.blocks:
             x = block(x, cache)
@@ -276,105 +286,91 @@ def make_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=device_type == "cuda")
 
 
-def train_step(model, optimizer, scaler, x, y, lr, grad_clip, autocast):
-    """One optimizer step on x, y of shape (accum,B,T): the gradients of accum micro-batches are summed (each
-    loss divided by accum: their mean), clipped, and applied. Returns the last loss, still on the device."""
+def train_step(model, optimizer, data, lr, cfg, run=PLAIN):
+    """One optimizer step at learning rate lr: the gradients of gradient_accumulation_steps micro-batches are summed
+    (each loss divided by their number: their mean), clipped, and applied. Returns the last loss, on the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    accum = x.size(0)
+    accum = cfg.gradient_accumulation_steps
     for micro in range(accum):
-        # with several processes, DDP averages the gradients on the last micro-batch only
-        last = micro == accum - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync(), autocast:
-            _, loss = model(x[micro], y[micro])
-        scaler.scale(loss / accum).backward()  # the scaler multiplies float16 losses up, else it does nothing
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+        x, y = get_batch(data, cfg, run)
+        with run.forward(last=micro == accum - 1):  # with several processes, gradients travel after the last one
+            _, loss = model(x, y)
+        run.scaler.scale(loss / accum).backward()  # the scaler multiplies float16 losses up, else it does nothing
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.scaler.step(optimizer)
+    run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, generator, autocast, rank=0, world_size=1, stop=None):
+def estimate_loss(model, splits, cfg, run=PLAIN):
     """The mean loss over eval_iters random batches of each split, with dropout off: {'train': .., 'val': ..}.
-
-    One batch's loss is noisy; an average over many is what we compare and plot. The batches are drawn as
-    training draws them (get_share), and the means are averaged over the processes. A Ctrl-C (stop.signum,
-    Part 2) abandons the estimate within a batch: it then returns None, and leaves the generator as it was."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):  # no gradients to average: the model inside it,
-        model = model.module  # whose forward passes never wait for the other processes
+    One batch's loss is noisy; an average over many is what we compare and plot."""
+    out = {}
     model.eval()
-    out, state = {}, generator.get_state()
     for split, data in splits.items():
         losses = torch.zeros(cfg.eval_iters, device=data.device)
-        for i in range(cfg.eval_iters):
-            if stop is not None and stop.signum:
-                break
-            x, y = get_share(data, cfg, generator, rank, world_size)  # (accum,B,T)
-            with autocast:
-                losses[i] = sum(model(x[m], y[m])[1] for m in range(len(x))) / len(x)
-        out[split] = losses.mean()
-    gave_up = float(stop is not None and stop.signum > 0)  # 1.0 if a Ctrl-C cut this process's estimate short
-    means = torch.stack([*out.values(), torch.tensor(gave_up, device=losses.device)])  # and whether any gave up
-    if world_size > 1:
-        dist.all_reduce(means)  # sum over the processes
-        means /= world_size
+        for k in range(cfg.eval_iters):
+            # a batch as a training step takes it: gradient_accumulation_steps micro-batches
+            with run.forward():
+                micro = [model(*get_batch(data, cfg, run))[1] for _ in range(cfg.gradient_accumulation_steps)]
+            losses[k] = sum(micro) / len(micro)
+        out[split] = losses.mean().item()
     model.train()
-    if means[-1] > 0:
-        generator.set_state(state)
-        return None
-    return dict(zip(out, means.tolist(), strict=False))
+    return out
 
 
-def train(overrides, defaults=None, make_model=GPT):
-    """Train a model; keep the best one in out_dir/ckpt.pt; print a sample from it at the end. What comes
-    before the first step (setup) and the reporting (Progress) are machinery, in Part 2: here is the loop."""
-    run = setup(overrides, defaults, make_model)
-    cfg, model = run.cfg, run.model
-    splits = {"train": run.train_data, "val": run.val_data}
-    stop = StopRequest(run.world_size, quiet=not run.master)  # Ctrl-C or SIGTERM: stop after this step, and save
-    try:
-        progress = Progress(run, stop)  # ms/it, tok/s, MFU, ETA, a line of text, metrics.jsonl, a watch on the loss
-        for step in range(run.start_step, cfg.max_iters + 1):
-            # the learning rate: a linear warm-up, then a cosine decay
-            lr = get_lr(step, cfg)
+def build(cfg, run, make_model=None):
+    """The lecture's first steps, on run's device: the text read and its vocabulary built, the text encoded and split,
+    the model and its optimizer made. run.prepare (Part 2) then fits them to the machine."""
+    # the text as integers, and its vocabulary: the sorted set of its characters (a resumed model keeps its own);
+    # read_corpus (Part 2) reads a text of any size in chunks, and downloads tiny Shakespeare the first time
+    chars, data = read_corpus(cfg.data, run.vocab)
+    tokenizer = CharTokenizer(chars)
+    train_data, val_data = split_data(data.to(run.device))  # all of it on the device: no batch crosses a bus
+    # the model, the same in every process, and the optimizer that trains it
+    torch.manual_seed(cfg.seed)
+    model = (make_model or GPT)(tokenizer.vocab_size, cfg).to(run.device)
+    optimizer = make_optimizer(model, cfg, run.device.type)
+    splits = {"train": train_data, "val": val_data}
+    # Part 2: a checkpoint's weights and state, the precision, compiling, DDP; what training calls
+    return tokenizer, splits, run.prepare(model, optimizer, tokenizer, splits), optimizer
 
-            # evaluate, report and keep the best model: every eval_interval steps, and at the end
-            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step > run.evaluated_step:
-                progress.pause(step)  # the clock stops for the evaluation; a loss gone NaN stops the run here
-                losses = estimate_loss(model, splits, cfg, run.batch_gen, run.autocast, run.rank, run.world_size, stop)
-                if losses is None:  # a Ctrl-C abandoned it: save this step, to be evaluated when resumed
-                    return run.interrupted(step, stop, progress)
-                run.evaluated_step = step
-                progress.report(step, losses, lr)
-                if losses["val"] < run.best_val:
-                    run.best_val = losses["val"]
-                    run.save("ckpt.pt", step)
-                progress.resume(step)  # the clock goes on: ms/it leaves out the evaluation and the save
-            if step == cfg.max_iters:
-                break
 
-            # Ctrl-C or SIGTERM (to any of the processes): save this step in last.pt and stop
-            if stop.requested():
-                return run.interrupted(step, stop, progress)
+def train(cfg, run, make_model=None):
+    """Train a model, keep the best one in out_dir/ckpt.pt, and let it write. `run` (Part 2) is the machine: it
+    reports, saves and stops on Ctrl-C; each of its calls says what it does here."""
+    tokenizer, splits, model, optimizer = build(cfg, run, make_model)
+    for step in range(run.start_step, cfg.max_iters + 1):
+        # the learning rate: a linear warm-up, then a cosine decay
+        lr = get_lr(step, cfg)
 
-            # a batch: every process draws the same global batch and keeps its share, (accum,B,T)
-            x, y = get_share(run.train_data, cfg, run.batch_gen, run.rank, run.world_size)
+        # every eval_interval steps and at the end: estimate the losses, report them, keep the best model
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step > run.evaluated_step:
+            losses = run.evaluate(step, lambda: estimate_loss(model, splits, cfg, run))  # averaged over processes
+            if losses is None:  # a Ctrl-C cut it short: save this step, to be evaluated when resumed
+                return run.interrupted(step)
+            run.report(step, losses, lr)  # the progress line, metrics.jsonl, and ckpt.pt if val is the best yet
+        if step == cfg.max_iters:
+            break
 
-            # one optimizer step
-            loss = train_step(model, run.optimizer, run.scaler, x, y, lr, cfg.grad_clip, run.autocast)
-            progress.watch(step, loss)
-        leave_process_group(stop)  # all processes are done; rank 0 alone writes the sample
-        return run.finish(progress.losses, stop)
-    except torch.OutOfMemoryError:
-        raise UserError(out_of_memory(cfg)) from None
-    finally:
-        stop.restore()
-        leave_process_group(stop)
-        run.unlock()
+        # Ctrl-C or SIGTERM (to any of the processes): save this step in last.pt and stop
+        if run.stop_requested():
+            return run.interrupted(step)
+
+        # one optimizer step on random batches of the training text
+        loss = train_step(model, optimizer, splits["train"], lr, cfg, run)
+        run.watch(step, loss)  # a loss that is not finite stops the run at the next evaluation
+
+    # the best model (ckpt.pt, by rank 0 alone) writes, and a line sums the run up
+    best = run.best_model()
+    if best is not None:
+        print_sample(best, tokenizer, run.prompt, cfg)
+    return run.finish()
 
 
 # ---- 5. Sampling: the model writes, one character at a time.
@@ -396,7 +392,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=Tr
     it, for any model with a block_size that maps idx (B,T) to logits (B,T,vocab_size): the GPT, the bigram.
     As in the lecture, each step runs the context, cropped to block_size, through the model; a GPT keeps a KV
     cache instead (Part 2) and feeds it only what the cache lacks, usually the newest character. The random draws
-    come from `generator`, or else from torch's default one."""
+    come from `generator` (a CPU one), or else from torch's default one."""
     was_training = model.training
     model.eval()  # no dropout while sampling
     cache = KVCache(model.block_size) if use_cache and isinstance(model, GPT) else None
@@ -418,11 +414,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=
     return torch.cat([idx, *stream(model, idx, max_new_tokens, temperature, top_k, use_cache)], dim=1)
 
 
-def print_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, device):
-    """Print the prompt, then each new character as soon as it is sampled."""
+def print_sample(model, tokenizer, prompt, cfg):
+    """Print the prompt, then each of max_new_tokens new characters as soon as it is sampled."""
+    device = next(model.parameters()).device
     idx = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)  # (1,T)
     print(prompt, end="", flush=True)
-    for idx_next in stream(model, idx, max_new_tokens, temperature, top_k):
+    for idx_next in stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k):
         print(tokenizer.decode(idx_next[0].tolist()), end="", flush=True)
     print()
 
@@ -482,7 +479,7 @@ def knob_help(defaults):
             if knob := re.fullmatch(r"    (\w+): .+?  # (.+)", line):
                 value = getattr(defaults, knob[1])
                 shown = f"{value:g}" if type(value) is float else value
-                shown = repr(shown) if shown == "" or not str(shown).isprintable() else shown  # '' and '\\n'
+                shown = repr(shown) if shown == "" or not str(shown).isprintable() else shown  # '' and '\n'
                 lines.append(f"  {f'--{knob[1]}={shown}':<32} {knob[2]}")
             elif section := re.fullmatch(r"    # (.+)", line):
                 lines.append(f"{section[1]}:")
@@ -527,7 +524,55 @@ def check_config(cfg):
         raise UserError(f"--out_dir={cfg.out_dir} is a file; name a folder (it is made if it does not exist)")
 
 
-# ---- Files: the download, checkpoints and metrics.jsonl, each written whole or not at all.
+def settings(overrides, defaults=None, world_size=1):
+    """The settings of a run, checked: the defaults with the command line on top; or to go on from a checkpoint
+    (--resume, --sample), the checkpoint's with the command line on top, but not its device: a run goes on where it
+    is started. Also that checkpoint, and with --init_from the one to fine-tune from (read by rank 0, sent to all)."""
+    cfg, ckpt, init = replace(defaults or Config(), **overrides), None, None
+    check_config(cfg)
+    if cfg.sample:
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    elif cfg.resume:
+        ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir), world_size)
+        started = ckpt["config"].get("init_from", "")  # a fine-tuning run resumes as itself, not from init_from again
+        if overrides.get("init_from", started) != started:
+            where = f"from --init_from={started}" if started else "from scratch"
+            new_run = "leave out --resume to start a new run from it (in another --out_dir)"
+            raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
+    elif (
+        cfg.init_from
+    ):  # fine-tuning: the model's shape is the checkpoint's, and the command line may not contradict it
+        init = from_rank_0(lambda: load_checkpoint(cfg.init_from, "name the ckpt.pt of a trained run"), world_size)
+        shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
+        for name, value in shape.items():
+            if overrides.get(name, value) != value:
+                keep = f"whose {name} is {value}; leave it out: fine-tuning keeps the model's shape"
+                raise UserError(f"--{name}={overrides[name]} contradicts --init_from={cfg.init_from}, {keep}")
+        cfg = replace(cfg, **shape)
+    if ckpt:
+        known = {f.name for f in fields(Config)} - {"device"}
+        saved = replace(Config(), **{k: v for k, v in ckpt["config"].items() if k in known})
+        cfg = replace(replace(saved, device=cfg.device), **overrides)
+        check_config(cfg)
+    return cfg, ckpt, init
+
+
+def say_what_changed(ckpt, cfg, overrides, world_size):
+    """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
+    said = []
+    for name, was in ckpt["config"].items():
+        if name in overrides and name not in ("device", "resume", "out_dir") and getattr(cfg, name) != was:
+            said.append(f"{name} {getattr(cfg, name)} (was {was})")
+    if ckpt.get("world_size", world_size) != world_size:
+        sequences = world_size * cfg.batch_size * cfg.gradient_accumulation_steps
+        said.append(
+            f"{world_size} process(es) (was {ckpt['world_size']}): {sequences} sequences a step, same learning rate"
+        )
+    if said:
+        print(f"note: resuming with settings of its own: {', '.join(said)}")
+
+
+# ---- Files: the download, the text, checkpoints and out_dir, each written whole or not at all.
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path(__file__).with_name("input.txt")
@@ -671,29 +716,24 @@ def newest_checkpoint(out_dir):
     return found[newest]
 
 
-def config_from(ckpt, overrides):
-    """The checkpoint's settings, with the ones given on the command line on top; not its device: a run goes on on
-    the machine it is started on, so that a checkpoint made on a GPU resumes on a laptop (and back)."""
-    known = {f.name for f in fields(Config)} - {"device"}
-    return replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}), **overrides)
-
-
-def load_model_state(model, ckpt, path):
+def load_weights(model, ckpt, path):
+    """The checkpoint's weights into model: resuming, fine-tuning, sampling and the final sample all load them so."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:150]  # the first mismatch, not all of them
         advice = "use the settings it was trained with, or another --out_dir"
         raise UserError(f"{path} was saved by a model of another shape ({first}); {advice}") from None
+    return model
 
 
-def prepare_out_dir(out_dir, resumed_step):
-    """Make out_dir and lock it. A resumed run keeps the whole rows of metrics.jsonl up to its step (it redoes the
-    rest; a crash may cut a row short); a new run sets an earlier run's files aside and starts metrics.jsonl afresh."""
+def prepare_out_dir(out_dir, resumed_step, lock=None):
+    """Make out_dir and lock it (unless `lock` holds it already). A resumed run keeps the whole rows of metrics.jsonl up
+    to its step (it redoes the rest; a crash may cut a row short); a new run sets an earlier run's files aside."""
     metrics = out_dir / "metrics.jsonl"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock, rows, damaged = lock_out_dir(out_dir), [], 0
+        lock, rows, damaged = lock or lock_out_dir(out_dir), [], 0
         if resumed_step is None:
             set_aside(out_dir)
         resumed = resumed_step is not None and metrics.exists()
@@ -777,8 +817,7 @@ def precision(cfg, device, seconds_per_step, world_size=1):
         dtype, why = from_rank_0(lambda: cpu_dtype(seconds_per_step), world_size)  # all processes alike
     # float32 matrix products on CUDA in TF32 (several times faster, precise enough to train) unless float32 is named
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype != "float32"
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return dtype, autocast_to(device, dtype), scaler, why
+    return dtype, autocast_to(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), why
 
 
 def cpu_dtype(seconds_per_step):
@@ -808,47 +847,49 @@ def synchronize(device):
         torch.accelerator.synchronize(device)
 
 
-def seconds_per_batch(model, data, cfg, device, autocast, train=True):
+def seconds_per_batch(model, data, cfg, run, autocast, train=True):
     """Seconds of a training step's forward and backward pass on one micro-batch (or with train=False, of an evaluation
-    batch), the second of two: the first warms up, and compiles where torch.compile is on. The batch is its own and
-    fork_rng restores what dropout drew, so training's random numbers are untouched; no gradient is left behind."""
-    x, y = get_batch(data, cfg.batch_size, cfg.block_size, torch.Generator(data.device).manual_seed(0))
+    batch), the second of two: the first warms up, and compiles where torch.compile is on. The batch is drawn and the
+    generator put back, and fork_rng restores what dropout drew: training's random numbers are untouched."""
+    state = run.batches.get_state()
+    x, y = get_batch(data, cfg, run)
+    run.batches.set_state(state)
     model.train(train)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.set_grad_enabled(train):
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             for _ in range(2):
-                synchronize(device)
+                synchronize(run.device)
                 t = time.perf_counter()
-                with autocast:
+                with autocast, torch.set_grad_enabled(train):
                     _, loss = model(x, y)
                 if train:
                     loss.backward()
-                synchronize(device)
+                synchronize(run.device)
         return time.perf_counter() - t
     finally:
         model.zero_grad(set_to_none=True)
         model.train()
 
 
-def compile_model(model, cfg, device, autocast, data, log):
-    """model compiled if cfg says so (unset: on CUDA under Linux), whether it is, and the seconds of a step. Compiling
-    happens at the first call: tried here by every process, on a batch of its own, so step 0 finds it ready; where it
-    fails in any process (no C compiler, no Triton), all of them train without it. Under torchrun model is already in
-    DDP, so that Dynamo cuts the graph where DDP's gradient buckets end and the all-reduce overlaps the backward."""
-    if not (cfg.compile if cfg.compile is not None else device.type == "cuda" and sys.platform == "linux"):
-        return model, False, None
+def compile_model(model, cfg, run):
+    """model compiled if cfg says so (unset: on CUDA under Linux), and the seconds of a step. Compiling happens at the
+    first call: tried here by every process, on a batch of its own, so step 0 finds it ready; where it fails in any
+    process (no C compiler, no Triton), all of them train without it. Under torchrun model is already in DDP, so that
+    Dynamo cuts the graph where DDP's gradient buckets end, and the all-reduce of each overlaps the backward."""
+    if not (cfg.compile if cfg.compile is not None else run.device.type == "cuda" and sys.platform == "linux"):
+        return model, None
     compiled, failed, seconds = torch.compile(model), None, None  # the model's Python becomes fused kernels
     try:  # no_sync: no gradient travels in the trial, so a process that fails in it leaves no other one waiting
         with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext():
-            seconds = seconds_per_batch(compiled, data, cfg, device, autocast)
+            seconds = seconds_per_batch(compiled, run.splits["train"], cfg, run, run.autocast)
     except Exception as e:
         if any(isinstance(x, torch.OutOfMemoryError) for x in (e, e.__cause__, getattr(e, "inner_exception", None))):
             raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
         failed = f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0][:120]}"
-    if in_any_process(failed is not None, device):
-        log(f"warning: torch.compile failed ({failed or 'in another process'}); training without it")
-        return model, False, None
-    return compiled, True, seconds
+    if in_any_process(failed is not None, run.device):
+        run.log(f"warning: torch.compile failed ({failed or 'in another process'}); training without it")
+        return model, None
+    return compiled, seconds
 
 
 def setup_distributed(device_name):
@@ -910,65 +951,95 @@ def out_of_memory(cfg):
     return f"out of memory on the device: {keep} to keep the effective batch, or {smaller}; the checkpoints are kept"
 
 
-# ---- Setting up a run: one way to build it, for gpt.py and bench.py alike.
-class Run:
-    """A training run: settings, device, precision, data, model, optimizer, random states (ckpt's when resuming).
-    `model` is what training calls: `raw_model` (the plain module, whose weights are saved), compiled, in DDP."""
+# ---- A run: the machine around the lesson's train(), for gpt.py and bench.py alike.
+class Run(Machine):
+    """A training run on a real machine: the settings (a checkpoint's, when resuming), the device, precision and
+    processes, out_dir and its checkpoints, Ctrl-C, the progress reports. `model` is what training calls: `raw_model`
+    (the plain module, whose weights are saved) in DDP and compiled; used as `with Run(...) as run:`."""
 
-    def __init__(self, cfg, device, make_model=GPT, ckpt=None, rank=0, world_size=1, check_prompt=True, init=None):
-        self.cfg, self.device, self.rank, self.world_size, self.lock = cfg, device, rank, world_size, None
-        self.master, self.out_dir = rank == 0, Path(cfg.out_dir)  # only rank 0 prints, writes files and samples
-        self.t_start = time.time() - (ckpt["elapsed_s"] if ckpt else 0.0)  # less the time of the runs it continues
-        chars, ids = read_corpus(cfg.data, (ckpt or init or {}).get("vocab"))  # a checkpoint's model keeps its own
-        self.tokenizer = CharTokenizer(chars)
-        if check_prompt:  # the final sample starts with it: refuse a bad one now, not after training
-            encode_prompt(self.tokenizer, cfg.prompt)
-        first = self.tokenizer.decode([int(ids[0])])  # the samples' prompt where the text has no newline: its start
-        self.prompt = cfg.prompt if set(cfg.prompt) <= self.tokenizer.stoi.keys() else first
-        # the whole corpus lives on the device, 1 byte per character for tiny Shakespeare: batches never cross the bus
-        self.train_data, self.val_data = split_data(ids.to(device))
-        if len(self.val_data) <= cfg.block_size:
-            why = f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}"
-            too_few = f"{cfg.data or DEFAULT_DATA} has {len(ids)} characters: too few for block_size {why}"
-            raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        self.raw_model = make_model(self.tokenizer.vocab_size, cfg).to(device)
-        if init:  # fine-tuning: the weights of a trained model, and from here on a new run
-            load_model_state(self.raw_model, init, cfg.init_from)
-        self.optimizer = make_optimizer(self.raw_model, cfg, device.type)
-        data = self.train_data
-        trial = lambda dtype: seconds_per_batch(self.raw_model, data, cfg, device, autocast_to(device, dtype))
-        self.dtype, self.autocast, self.scaler, self.why = precision(cfg, device, trial, world_size)
-        # one generator for the batches, seeded alike everywhere: all processes draw the same global batch
-        self.batch_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    def __init__(self, overrides, defaults=None, files=True):
+        self.t_start, self.lock, self.stop, self.files = time.time(), None, None, files
+        check_config(replace(defaults or Config(), **overrides))  # before a process group is joined
+        device, self.rank, self.world_size = setup_distributed(replace(defaults or Config(), **overrides).device)
+        self.device, self.master = device, self.rank == 0  # only rank 0 prints, writes files and samples
+        self.cfg, self.ckpt, self.init = settings(overrides, defaults, self.world_size)
+        self.out_dir, self.overrides = Path(self.cfg.out_dir), overrides
+        self.vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
+        if self.ckpt:
+            self.t_start -= self.ckpt["elapsed_s"]  # elapsed_s counts the runs it continues too
+            if self.master:
+                say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
+        if self.master and files and self.out_dir.is_dir():  # in use? say so now, not after minutes of compiling
+            self.lock = lock_out_dir(self.out_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.stop is not None:
+            self.stop.restore()
+        leave_process_group(self.stop)
+        if self.lock:
+            (self.out_dir / "train.lock").unlink(missing_ok=True)
+            self.lock.close()  # the lock goes with it
+        if isinstance(error, torch.OutOfMemoryError):
+            raise UserError(out_of_memory(self.cfg)) from None
+
+    def prepare(self, model, optimizer, tokenizer, splits):
+        """The model as training calls it, and all it needs: a checkpoint's weights and state, the precision, the
+        random states, DDP and torch.compile; out_dir made ready; the header lines, and a note if the run is long."""
+        cfg, device = self.cfg, self.device
+        self.raw_model, self.optimizer, self.tokenizer, self.splits = model, optimizer, tokenizer, splits
+        self.prompt = self.prompt_for(tokenizer, splits)
+        if self.init:  # fine-tuning: the weights of a trained model, and from here on a new run
+            load_weights(model, self.init, cfg.init_from)
+        self.batches = torch.Generator(device).manual_seed(cfg.seed)  # alike in every process: one global batch
+        trial = lambda dtype: seconds_per_batch(model, splits["train"], cfg, self, autocast_to(device, dtype))
+        self.dtype, self.autocast, self.scaler, self.why = precision(cfg, device, trial, self.world_size)
         self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
-        if ckpt:
-            self.restore(ckpt)
-        if not ckpt or rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
-            torch.manual_seed(cfg.seed + rank)
-        self.model = self.raw_model
-        if world_size > 1:  # averages the gradients over the processes after each backward pass
-            self.model = nn.parallel.DistributedDataParallel(self.model)
-        compiled = compile_model(self.model, cfg, device, self.autocast, self.train_data, self.log)
-        self.model, self.compiled, self.step_s = compiled  # step_s: seconds of a micro-batch's forward and backward
-        if self.master and self.start_step == 0:  # for the note on a long run (Progress): what a step and a batch take
-            data, autocast = self.train_data, self.autocast  # rank 0 alone: the plain model, and no gradients in DDP
-            self.step_s = self.step_s or seconds_per_batch(self.raw_model, data, cfg, device, autocast)
-            self.eval_s = seconds_per_batch(self.model, data, cfg, device, autocast, train=False)
+        if self.ckpt:
+            self.restore(self.ckpt)
+        if not self.ckpt or self.rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
+            torch.manual_seed(cfg.seed + self.rank)
+        self.model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model  # averages gradients
+        self.model, self.step_s = compile_model(self.model, cfg, self)  # step_s: a micro-batch's forward and backward
+        self.compiled = self.step_s is not None
+        if self.master and self.start_step == 0 and self.files:  # for the note on a long run: a step and a batch
+            self.step_s = self.step_s or seconds_per_batch(model, splits["train"], cfg, self, self.autocast)
+            self.eval_s = seconds_per_batch(self.model, splits["train"], cfg, self, self.autocast, train=False)
+        if self.master and self.files:
+            self.lock = prepare_out_dir(self.out_dir, self.ckpt["step"] if self.ckpt else None, self.lock)
+        self.stop = StopRequest(self.world_size, quiet=not self.master)  # Ctrl-C or SIGTERM: stop after a step, save
+        self.progress = Progress(self)
+        return self.model
+
+    def prompt_for(self, tokenizer, splits):
+        """The samples' prompt, refused now if the user's has a character the model does not know, not after
+        training; where the text has no newline (the default prompt), its first character."""
+        if "prompt" in self.overrides or self.cfg.sample:
+            encode_prompt(tokenizer, self.cfg.prompt)
+        if len(splits["val"]) <= self.cfg.block_size:
+            n, size = len(splits["train"]) + len(splits["val"]), self.cfg.block_size
+            why = f"{size}, since its last 10% (validation) needs at least {size + 1}"
+            too_few = f"{self.cfg.data or DEFAULT_DATA} has {n} characters: too few for block_size {why}"
+            raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
+        known = set(self.cfg.prompt) <= tokenizer.stoi.keys()
+        return self.cfg.prompt if known else tokenizer.chars[int(splits["train"][0])]
 
     def restore(self, ckpt):
-        load_model_state(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
-        # AdamW's moments and step count, into this run's optimizer: its settings (weight decay, betas, fused on CUDA),
-        # not those saved with the state, which load_state_dict would otherwise put back
+        """Go on from a checkpoint: its weights, AdamW's moments, the loss scale, the random states and the step."""
+        load_weights(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
+        # AdamW's state, into this run's optimizer: its settings (weight decay, betas, fused on CUDA), not the ones
+        # saved with the state, which load_state_dict would otherwise put back
         this_run = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": this_run})
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         rng, here = ckpt["rng"], self.device.type
-        if rng.get("device", here) == here and rng["batches"].numel() == self.batch_gen.get_state().numel():
-            self.batch_gen.set_state(rng["batches"])
+        if rng.get("device", here) == here and rng["batches"].numel() == self.batches.get_state().numel():
+            self.batches.set_state(rng["batches"])
         else:  # each kind of device has a generator of its own kind
-            self.batch_gen.manual_seed(self.cfg.seed + ckpt["step"])
+            self.batches.manual_seed(self.cfg.seed + ckpt["step"])
             saved = f"the checkpoint was saved on {rng.get('device', 'another device')} and resumes on {here}"
             self.log(
                 f"warning: {saved}: the batches are drawn afresh and will not replay exactly those of an unbroken run"
@@ -979,6 +1050,12 @@ class Run:
         self.start_step, self.best_val = ckpt["step"], ckpt["best_val"]
         self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])  # behind the step if a Ctrl-C cut it short
 
+    @contextlib.contextmanager
+    def forward(self, last=True):
+        """Autocast to the training dtype; under DDP, the gradients are averaged only after the last micro-batch."""
+        with self.autocast, self.model.no_sync() if not last and self.world_size > 1 else contextlib.nullcontext():
+            yield
+
     def log(self, *args, **kwargs):
         if self.master:
             print(*args, **kwargs)
@@ -987,7 +1064,7 @@ class Run:
         """Everything needed to go on from `step`, saved as out_dir/name by rank 0."""
         if not self.master:
             return
-        rng = {"torch": torch.get_rng_state(), "batches": self.batch_gen.get_state(), "device": self.device.type}
+        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "device": self.device.type}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
@@ -997,95 +1074,87 @@ class Run:
         state |= {"world_size": self.world_size}  # a resume with another number says so: the batch changes with it
         save_checkpoint(self.out_dir / name, state)
 
-    def interrupted(self, step, stop, progress):
+    def evaluate(self, step, estimate):
+        """estimate() (estimate_loss) with the machine around it: the clock of the training steps paused, a loss that
+        went NaN in any process stopping all of them, the line of text drawn first, Ctrl-C abandoning either within a
+        batch, the means averaged over the processes. Returns floats, or None if a Ctrl-C (in any process) cut it."""
+        self.progress.pause(step)
+        state = self.batches.get_state()
+        try:
+            with self.stop.abandons():
+                self.progress.text = sample_line(self) if self.master and self.cfg.eval_sample else None
+                means = torch.tensor([*estimate().values(), 0.0], device=self.device)
+        except Abandoned:  # the last entry: whether this process gave up
+            means = torch.tensor([0.0, 0.0, 1.0], device=self.device)
+            self.model.train()
+        if self.world_size > 1:
+            dist.all_reduce(means)  # summed over the processes
+            means /= self.world_size
+        if means[-1] > 0:
+            self.batches.set_state(state)  # as if it had not begun: --resume draws the same batches
+            return None
+        self.evaluated_step = step
+        return dict(zip(("train", "val"), means[:2].tolist(), strict=True))
+
+    def report(self, step, losses, lr):
+        """The progress line and its row of metrics.jsonl; the model saved as ckpt.pt if its val loss is the best yet.
+        The clock of the training steps then goes on: ms/it leaves out the evaluation and the save."""
+        self.progress.report(step, losses, lr)
+        if losses["val"] < self.best_val:
+            self.best_val = losses["val"]
+            self.save("ckpt.pt", step)
+        self.progress.resume(step)
+
+    def stop_requested(self):
+        return self.stop.requested()
+
+    def watch(self, step, loss):
+        self.progress.watch(step, loss)
+
+    def interrupted(self, step):
         """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
-        progress.check_finite()  # never save a model that has already blown up
+        self.progress.check_finite()  # never save a model that has already blown up
         self.save("last.pt", step)
         self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
-        return 128 + (stop.signum or stop.agreed or signal.SIGTERM)  # the last: another process's, not known yet
+        return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)  # the last: another process's, unknown
 
-    def finish(self, losses, stop):
-        """After the last step: the best model writes a sample (Ctrl-C now stops it at once); a line sums the run up."""
+    def best_model(self):
+        """After the last step: the best model, from ckpt.pt, to write a sample (rank 0; the other processes are
+        done: None). A Ctrl-C from here on stops at once: nothing is left to save."""
+        leave_process_group(self.stop)
         if not self.master:
-            return 0
+            return None
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
-        if losses is None:  # resumed a finished run: nothing was evaluated in this one
-            splits = {"train": self.train_data, "val": self.val_data}
-            losses = estimate_loss(self.model, splits, self.cfg, self.batch_gen, self.autocast)
-        wall, cfg = time.time() - self.t_start, self.cfg
-        stop.at_once = True  # nothing is left to save: a Ctrl-C from here on stops the sample at once
-        best, model = load_checkpoint(self.out_dir / "ckpt.pt"), self.raw_model
-        model.load_state_dict(best["model"])
+        if self.progress.losses is None:  # resumed a finished run: nothing was evaluated in this one
+            self.progress.losses = estimate_loss(self.raw_model, self.splits, self.cfg, self)
+        self.wall, self.stop.at_once = time.time() - self.t_start, True
+        best = load_checkpoint(self.out_dir / "ckpt.pt")
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
-        torch.manual_seed(cfg.seed)
-        print_sample(model, self.tokenizer, self.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, self.device)
-        summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
-        print(f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt")
+        torch.manual_seed(self.cfg.seed)
+        return load_weights(self.raw_model, best, self.out_dir / "ckpt.pt")
+
+    def finish(self):
+        """The line that sums the run up (rank 0); the exit status."""
+        losses, wall = self.progress.losses, getattr(self, "wall", 0.0)
+        if self.master:
+            summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
+            print(
+                f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt"
+            )
         return 0
-
-    def unlock(self):
-        if self.lock:
-            (self.out_dir / "train.lock").unlink(missing_ok=True)
-            self.lock.close()  # the lock goes with it
-
-
-def say_what_changed(ckpt, cfg, overrides, world_size):
-    """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
-    said = []
-    for name, was in ckpt["config"].items():
-        if name in overrides and name not in ("device", "resume") and getattr(cfg, name) != was:
-            said.append(f"{name} {getattr(cfg, name)} (was {was})")
-    if ckpt.get("world_size", world_size) != world_size:
-        sequences = world_size * cfg.batch_size * cfg.gradient_accumulation_steps
-        said.append(
-            f"{world_size} process(es) (was {ckpt['world_size']}): {sequences} sequences a step, same learning rate"
-        )
-    if said:
-        print(f"note: resuming with settings of its own: {', '.join(said)}")
-
-
-def setup(overrides, defaults=None, make_model=GPT):
-    """What train() needs before its first step: the settings (the checkpoint's, when resuming), the
-    processes, the run, and out_dir, locked and ready for it."""
-    cfg = replace(defaults or Config(), **overrides)
-    check_config(cfg)
-    device, rank, world_size = setup_distributed(cfg.device)
-    ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir), world_size) if cfg.resume else None
-    if ckpt:  # the checkpoint's settings (model shape above all), then what the command line changes
-        started = ckpt["config"].get("init_from", "")  # a fine-tuning run resumes as itself, not from init_from again
-        if overrides.get("init_from", started) != started:
-            where = f"from --init_from={started}" if started else "from scratch"
-            new_run = "leave out --resume to start a new run from it (in another --out_dir)"
-            raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
-        cfg = config_from(ckpt, {"device": cfg.device, **overrides})
-        check_config(cfg)
-        if rank == 0:
-            say_what_changed(ckpt, cfg, overrides, world_size)
-    hint = "name the ckpt.pt of a trained run"
-    init = from_rank_0(lambda: load_checkpoint(cfg.init_from, hint), world_size) if cfg.init_from and not ckpt else None
-    if init:  # fine-tuning: the model's shape is the checkpoint's, and the command line may not contradict it
-        shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
-        for name, value in shape.items():
-            if overrides.get(name, value) != value:
-                keep = f"whose {name} is {value}; leave it out: fine-tuning keeps the model's shape"
-                raise UserError(f"--{name}={overrides[name]} contradicts --init_from={cfg.init_from}, {keep}")
-        cfg = replace(cfg, **shape)
-    if rank == 0 and (Path(cfg.out_dir) / "train.lock").exists():  # in use? say so now, not after compiling
-        with contextlib.suppress(OSError):  # a folder we cannot write to is refused below, with its own error
-            lock_out_dir(Path(cfg.out_dir)).close()
-    run = Run(cfg, device, make_model, ckpt, rank, world_size, check_prompt="prompt" in overrides, init=init)
-    if run.master:
-        run.lock = prepare_out_dir(run.out_dir, ckpt["step"] if ckpt else None)
-    return run
 
 
 # ---- Interrupts: Ctrl-C or SIGTERM stops the run after the current step (or within an evaluation), and it saves.
+class Abandoned(Exception):
+    """Raised by the first Ctrl-C during an evaluation (StopRequest.abandons): Run.evaluate gives it up."""
+
+
 class StopRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM asks the run to stop: training saves last.pt after the current step, an
     evaluation is abandoned. A second, or one while nothing is left to save (at_once), raises KeyboardInterrupt."""
 
     def __init__(self, world_size=1, quiet=False):
-        self.signum, self.quiet, self.at_once, self.agreed, self.pending = 0, quiet, False, 0, None
+        self.signum, self.quiet, self.at_once, self.abandon, self.agreed, self.pending = 0, quiet, False, False, 0, None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         self.group = stop_group() if world_size > 1 else None
 
@@ -1096,6 +1165,19 @@ class StopRequest:
         if not self.quiet:  # os.write, not print: the signal may have come in the middle of a print
             ack = "stopping: last.pt is saved after this step (an evaluation is cut short); Ctrl-C again stops at once"
             os.write(2, f"\n{ack}\n".encode())
+        if self.abandon:
+            raise Abandoned
+
+    @contextlib.contextmanager
+    def abandons(self):
+        """Within it, the first Ctrl-C raises Abandoned at once, instead of waiting for the end of a step."""
+        self.abandon = True
+        try:
+            if self.signum:  # it came before: give up before beginning
+                raise Abandoned
+            yield
+        finally:
+            self.abandon = False
 
     def requested(self):
         """The number of the signal that asked us to stop, or 0. With several processes, of one that any of them got:
@@ -1127,8 +1209,8 @@ def stop_group():
 
 
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
-# A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32), for MFU; by the card's name
-# as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100 (SXM).
+# A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32, plain float32), for MFU; by the
+# card's name as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100.
 PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67), "H100 PCIE": (756, 378, 51)}
 PEAK_TFLOPS |= {"H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60), "A100": (312, 156, 19.5)}
 PEAK_TFLOPS |= {
@@ -1158,7 +1240,7 @@ def flops_per_token(model, cfg):
 
 
 def count_evaluations(cfg):
-    """A whole run's evaluations: at step 0, every eval_interval steps, and at max_iters if not one of those."""
+    """A whole run's evaluations, as train() makes them: at step 0, every eval_interval steps, and at max_iters."""
     return cfg.max_iters // cfg.eval_interval + 1 + (cfg.max_iters % cfg.eval_interval > 0)
 
 
@@ -1176,34 +1258,38 @@ class Progress:
     """A run's reports. ms/it times the training steps alone (elapsed_s in metrics.jsonl counts everything). A loss that
     is not finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
 
-    def __init__(self, run, stop=None):
-        self.run, self.stop, cfg, n = run, stop, run.cfg, run.world_size
+    def __init__(self, run):
+        self.run, cfg, n = run, run.cfg, run.world_size
         sequences = cfg.batch_size * cfg.gradient_accumulation_steps * n  # the effective batch
         self.tokens_per_iter = sequences * cfg.block_size
         self.flops_per_gpu = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter / n  # each GPU's share
         self.peak = peak_flops(run.device, run.dtype) if self.flops_per_gpu else None
         self.first_bad = torch.tensor(NONE, device=run.device)  # the first step whose loss was not finite
-        self.losses, self.ms_per_iter, self.eval_s = None, None, 0.0
+        self.losses, self.ms_per_iter, self.eval_s, self.text = None, None, 0.0, None
         n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype).removeprefix("torch.")
+        size = f"{n_params / 1e6:.2f}M" if n_params >= 100_000 else f"{n_params:,}"
         compiled, batch = "on" if run.compiled else "off", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}"
-        device = f"device {run.device} | {dtype}{run.why} | compile {compiled}"
-        run.log(f"{n_params / 1e6:.2f}M parameters | {device} | {n} process(es)")
         per_iter = f"{sequences} sequences of {cfg.block_size} = {self.tokens_per_iter:,} tokens per iteration"
-        run.log(f"batch {batch} accumulation x {n} process(es) = {per_iter}")
-        if run.master and run.start_step == 0:
+        if run.files:  # a run, not bench.py's measurement
+            run.log(
+                f"{size} parameters | device {run.device} | {dtype}{run.why} | compile {compiled} | {n} process(es)"
+            )
+            run.log(f"batch {batch} accumulation x {n} process(es) = {per_iter}")
+        if run.master and run.start_step == 0 and run.files:
             self.warn_if_long()
         self.t_last, self.step_last = time.time(), run.start_step
 
     def warn_if_long(self):
         """A run of hours says so before it starts: its steps and evaluations, from the seconds of a training step's
-        micro-batch and of an evaluation batch timed at setup (Run)."""
+        micro-batch and of an evaluation batch timed at setup (Run.prepare)."""
         run, cfg = self.run, self.run.cfg
         batches = cfg.max_iters * run.step_s + 2 * cfg.eval_iters * count_evaluations(cfg) * run.eval_s
         projected = cfg.gradient_accumulation_steps * batches
         if projected > 1800:
             recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
-            note = f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}"
-            run.log(note, flush=True)
+            run.log(
+                f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}", flush=True
+            )
 
     def watch(self, step, loss):
         """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
@@ -1219,17 +1305,15 @@ class Progress:
             raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
 
     def pause(self, step):
-        """Before an evaluation: the time per step since the last one, a stop if a loss was not finite, and the line
-        of text (rank 0), drawn first so that a Ctrl-C that cuts it short also abandons the evaluation after it."""
+        """Before an evaluation: the time per step since the last one, and a stop if a loss was not finite."""
         synchronize(self.run.device)  # so that the clock measures the steps, not just their launch
         if step > self.step_last:
             self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
         self.check_finite()
         self.t_eval = time.time()
-        self.text = sample_line(self.run, self.stop) if self.run.master and self.run.cfg.eval_sample else None
 
     def report(self, step, losses, lr):
-        """After an evaluation: the progress line, and the same figures as a row of metrics.jsonl."""
+        """After an evaluation: the progress line, the line of text under it, and the same as a row of metrics.jsonl."""
         run, cfg, ms = self.run, self.run.cfg, self.ms_per_iter
         self.losses, self.eval_s = losses, time.time() - self.t_eval
         line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
@@ -1245,7 +1329,7 @@ class Progress:
         row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - run.t_start, 2))
         row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
         try:
-            if run.master:  # one line of JSON per evaluation, for plots and scripts
+            if run.master and run.files:  # one line of JSON per evaluation, for plots and scripts
                 with open(run.out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
         except OSError as e:
@@ -1257,7 +1341,7 @@ class Progress:
         self.t_last, self.step_last = time.time(), step
 
 
-# ---- Sampling with a KV cache, and the --sample command.
+# ---- Sampling with a KV cache, the line of text at each evaluation, and the --sample command.
 class KVCache:
     """The keys and values each attention layer computed for the positions sampled so far: a new character costs one
     position, not a forward pass over the whole context. Full at block_size positions (learned position embeddings
@@ -1285,17 +1369,14 @@ class KVCache:
         return k, v
 
 
-def sample_line(run, stop=None):
+def sample_line(run):
     """A line of the model's own writing at each evaluation: eval_sample characters after the prompt, from a generator
-    of its own seeded alike every time (training's random numbers are left alone); a Ctrl-C cuts it short."""
+    of its own seeded alike every time, so that training's random numbers are left alone."""
     generator = torch.Generator().manual_seed(run.cfg.seed)  # on the CPU, where sample_next draws
     idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
-    text, cfg = run.prompt, run.cfg
-    for idx_next in stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator):
-        text += run.tokenizer.decode(idx_next[0].tolist())
-        if stop is not None and stop.signum:
-            break
-    return text
+    cfg, model = run.cfg, run.raw_model
+    written = [int(i) for i in stream(model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator)]
+    return run.prompt + run.tokenizer.decode(written)
 
 
 def encode_prompt(tokenizer, prompt):
@@ -1306,32 +1387,29 @@ def encode_prompt(tokenizer, prompt):
         raise UserError(f"the prompt has {e}; use only characters of the training text") from None
 
 
-def sample(overrides, defaults=None, make_model=GPT):
-    """Write num_samples texts from out_dir/ckpt.pt, each starting with the prompt."""
-    cfg = replace(defaults or Config(), **overrides)
-    check_config(cfg)
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(path)
-    cfg = config_from(ckpt, overrides)
-    check_config(cfg)
-    device, tokenizer = resolve_device(cfg.device), CharTokenizer(ckpt["vocab"])
-    model = make_model(tokenizer.vocab_size, cfg)
-    load_model_state(model, ckpt, path)
+def sample(overrides, defaults=None, make_model=None):
+    """--sample: num_samples texts from out_dir/ckpt.pt, each starting with the prompt."""
+    cfg, ckpt, _ = settings(overrides, defaults)
+    tokenizer, device = CharTokenizer(ckpt["vocab"]), resolve_device(cfg.device)
+    model = load_weights((make_model or GPT)(tokenizer.vocab_size, cfg), ckpt, Path(cfg.out_dir) / "ckpt.pt")
     model.to(device)
     torch.manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
-        print_sample(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, device)
-        if i < cfg.num_samples - 1:
+        if i:
             print("---")
+        print_sample(model, tokenizer, cfg.prompt, cfg)
     return 0
 
 
 # ---- main(): every side effect starts here, so that tests, notebooks, bigram.py and bench.py import freely.
-def main(argv=None, defaults=None, make_model=GPT):
+def main(argv=None, defaults=None, make_model=None):
     """python gpt.py [--name=value ...]: train, or with --sample write text. Returns the exit status."""
     try:
         overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
-        return (sample if overrides.get("sample") else train)(overrides, defaults, make_model)
+        if overrides.get("sample"):
+            return sample(overrides, defaults, make_model)
+        with Run(overrides, defaults) as run:
+            return train(run.cfg, run, make_model)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: the first one says why
             print(f"error: {e}", file=sys.stderr)

@@ -91,6 +91,16 @@ def trained_once(tmp_path_factory, name, argv):
     return out_dir
 
 
+@contextlib.contextmanager
+def built(argv):
+    """A run as python gpt.py builds it (gpt.build), without an out_dir: for tests that look inside one."""
+    import gpt
+
+    with gpt.Run(gpt.parse_overrides(argv), files=False) as run:
+        gpt.build(run.cfg, run)
+        yield run
+
+
 def snapshot(folder):
     """Every file and folder under `folder`, files with their bytes and modification time: equal snapshots
     taken before and after a command prove that it wrote, deleted and overwrote nothing there."""

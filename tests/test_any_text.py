@@ -2,14 +2,13 @@
 smallest integer type that holds its vocabulary; tiny Shakespeare reads exactly as before; any UTF-8 text trains; and
 --init_from starts a new run from a trained model's weights, shape and vocabulary (fine-tuning)."""
 
-import contextlib
 import json
 import random
 import shutil
 
 import pytest
 import torch
-from conftest import TINY, snapshot, trained_once
+from conftest import TINY, built, snapshot, trained_once
 
 import gpt
 
@@ -89,9 +88,9 @@ def test_ids_take_the_smallest_integer_type_that_holds_the_vocabulary(distinct, 
 
 
 def test_the_corpus_stays_small_on_the_device_and_a_batch_becomes_int64(corpus):
-    run = gpt.Run(gpt.replace(gpt.Config(), **gpt.parse_overrides([*TINY, f"--data={corpus}"])), torch.device("cpu"))
-    assert run.train_data.dtype == run.val_data.dtype == torch.uint8  # 1 byte per character, not 8
-    x, y = gpt.get_batch(run.train_data, 4, 16, torch.Generator().manual_seed(0))
+    with built([*TINY, f"--data={corpus}"]) as run:
+        assert run.splits["train"].dtype == run.splits["val"].dtype == torch.uint8  # 1 byte per character, not 8
+        x, y = gpt.get_batch(run.splits["train"], run.cfg, run)
     assert x.dtype == y.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -158,7 +157,9 @@ def test_fine_tuning_starts_from_the_trained_model_as_a_new_run(pretrained, smal
     model.load_state_dict(pre["model"])
     _, ids = gpt.read_corpus(str(small_text), pre["vocab"])
     splits = dict(zip(("train", "val"), gpt.split_data(ids), strict=True))
-    expected = gpt.estimate_loss(model, splits, cfg, torch.Generator().manual_seed(cfg.seed), contextlib.nullcontext())
+    machine = gpt.Machine()
+    machine.batches = torch.Generator().manual_seed(cfg.seed)  # the run's batches, as they were at step 0
+    expected = gpt.estimate_loss(model, splits, cfg, machine)
     assert (log[0]["train_loss"], log[0]["val_loss"]) == (round(expected["train"], 4), round(expected["val"], 4))
     assert log[0]["val_loss"] < 4.0  # well below a fresh model's ln(65) = 4.17: the pretrained weights at work
     assert "earlier-" not in capsys.readouterr().out and not list(out_dir.glob("earlier-*"))

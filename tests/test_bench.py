@@ -67,9 +67,10 @@ def test_training_steps_are_timed_together_without_waiting_between_them(corpus, 
     bench = load_bench()
     waits = []
     monkeypatch.setattr(gpt, "synchronize", lambda device: waits.append(device))
-    run = gpt.Run(bench.parse_args([*TINY, f"--data={corpus}"]), torch.device("cpu"))
-    waits.clear()  # those of the setup, which times a step for the note on a long run
-    result = bench.training(run, steps=7)
+    with gpt.Run({}, defaults=bench.parse_args([*TINY, f"--data={corpus}"]), files=False) as run:
+        gpt.build(run.cfg, run)
+        waits.clear()  # those of the setup
+        result = bench.training(run, steps=7)
     assert len(waits) == 2 and result["steps"] == 7 and result["train_ms_per_iter"] > 0
 
 

@@ -55,10 +55,17 @@ def test_split_is_first_ninety_percent():
     assert val.tolist() == [18, 19]
 
 
+def batches(generator, rank=0, world_size=1):
+    """A machine whose batches come from this generator, as process `rank` of `world_size`."""
+    machine = gpt.Machine()
+    machine.batches, machine.rank, machine.world_size = generator, rank, world_size
+    return machine
+
+
 def test_get_batch_shapes_and_shift_by_one():
     data = torch.arange(1000)  # every value is its own position, so a window shows where it came from
     gen = torch.Generator().manual_seed(0)
-    x, y = gpt.get_batch(data, batch_size=7, block_size=11, generator=gen)
+    x, y = gpt.get_batch(data, gpt.Config(batch_size=7, block_size=11), batches(gen))
     assert x.shape == y.shape == (7, 11)
     assert x.dtype == y.dtype == torch.long
     assert torch.equal(y, x + 1)  # the target at t is the character after input t
@@ -70,9 +77,10 @@ def test_get_batch_shapes_and_shift_by_one():
 def test_get_batch_on_text_and_reproducible(text):
     tok = gpt.CharTokenizer.from_text(text)
     data = torch.tensor(tok.encode(text))
-    x1, y1 = gpt.get_batch(data, 4, 8, torch.Generator().manual_seed(3))
-    x2, y2 = gpt.get_batch(data, 4, 8, torch.Generator().manual_seed(3))
-    x3, _ = gpt.get_batch(data, 4, 8, torch.Generator().manual_seed(4))
+    cfg = gpt.Config(batch_size=4, block_size=8)
+    x1, y1 = gpt.get_batch(data, cfg, batches(torch.Generator().manual_seed(3)))
+    x2, y2 = gpt.get_batch(data, cfg, batches(torch.Generator().manual_seed(3)))
+    x3, _ = gpt.get_batch(data, cfg, batches(torch.Generator().manual_seed(4)))
     assert torch.equal(x1, x2) and torch.equal(y1, y2)  # the generator alone decides the batch
     assert not torch.equal(x1, x3)
     assert torch.equal(y1[:, :-1], x1[:, 1:])
@@ -82,6 +90,35 @@ def test_get_batch_on_text_and_reproducible(text):
 
 def test_get_batch_with_a_single_possible_window():
     data = torch.arange(9)  # block_size + 1 characters: exactly one window fits
-    x, y = gpt.get_batch(data, 3, 8, torch.Generator().manual_seed(0))
+    x, y = gpt.get_batch(data, gpt.Config(batch_size=3, block_size=8), batches(torch.Generator().manual_seed(0)))
     assert x.tolist() == [list(range(8))] * 3
     assert y.tolist() == [list(range(1, 9))] * 3
+
+
+def test_without_a_machine_get_batch_draws_from_torchs_own_generator_as_the_lecture_does():
+    data, cfg = torch.arange(1000), gpt.Config(batch_size=5, block_size=8)
+    torch.manual_seed(7)
+    x, _ = gpt.get_batch(data, cfg)
+    torch.manual_seed(7)
+    assert torch.equal(x[:, 0], torch.randint(1000 - 8, (5,)))
+
+
+def test_each_process_keeps_its_share_of_one_global_batch():
+    """All processes draw the same batch_size x world_size windows; process r keeps the r-th batch_size of them. So
+    two processes of batch 4 train on the windows that one process of batch 8 would."""
+    data, one = torch.arange(1000), gpt.Config(batch_size=8, block_size=8)
+    whole, _ = gpt.get_batch(data, one, batches(torch.Generator().manual_seed(1)))
+    shares = [
+        gpt.get_batch(data, gpt.Config(batch_size=4, block_size=8), batches(torch.Generator().manual_seed(1), r, 2))[0]
+        for r in (0, 1)
+    ]
+    assert torch.equal(torch.cat(shares), whole)
+
+
+def test_micro_batches_drawn_one_after_the_other_are_the_windows_of_one_draw():
+    """On a CPU the generator draws in sequence: two micro-batches of 4 (gradient accumulation) are the windows one
+    batch of 8 would have been. Training with accumulation takes the batches that training without it takes."""
+    data = torch.arange(1000)
+    whole, _ = gpt.get_batch(data, gpt.Config(batch_size=8, block_size=8), batches(torch.Generator().manual_seed(2)))
+    machine, half = batches(torch.Generator().manual_seed(2)), gpt.Config(batch_size=4, block_size=8)
+    assert torch.equal(torch.cat([gpt.get_batch(data, half, machine)[0] for _ in range(2)]), whole)

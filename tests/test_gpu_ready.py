@@ -97,6 +97,7 @@ def fake_run(world_size, out_dir):
         dtype=torch.bfloat16,
         why="",
         compiled=False,
+        files=True,
         master=False,
         start_step=0,
         out_dir=Path(out_dir),

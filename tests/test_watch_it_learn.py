@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, built
 
 import gpt
 
@@ -41,12 +41,12 @@ def test_every_evaluation_shows_a_line_of_text_and_keeps_it(corpus, tmp_path, ca
 
 
 def test_the_line_comes_from_its_own_generator_seeded_alike_every_time(corpus):
-    run = gpt.Run(gpt.replace(gpt.Config(), **gpt.parse_overrides([*RUN, f"--data={corpus}"])), torch.device("cpu"))
-    torch.manual_seed(1)
-    first, state = gpt.sample_line(run), torch.get_rng_state()
-    assert torch.equal(torch.get_rng_state(), state)  # torch's own generator, which dropout uses, is not touched
-    torch.manual_seed(2)
-    assert gpt.sample_line(run) == first  # whatever the state of torch's generator: the same text from the same model
+    with built([*RUN, f"--data={corpus}"]) as run:
+        torch.manual_seed(1)
+        first, state = gpt.sample_line(run), torch.get_rng_state()
+        assert torch.equal(torch.get_rng_state(), state)  # torch's own generator, which dropout uses, is not touched
+        torch.manual_seed(2)
+        assert gpt.sample_line(run) == first  # whatever the state of torch's generator: the same text, same model
 
 
 def test_the_losses_are_bit_identical_with_and_without_the_lines(corpus, tmp_path):
