@@ -495,10 +495,13 @@ def command_line(cfg, script="gpt.py"):
 
 def check_config(cfg):
     """Refuse settings that cannot work, before anything is read or written."""
-    at_least_1 = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters"
-    for name in [*at_least_1.split(), "gradient_accumulation_steps", "max_new_tokens", "num_samples"]:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    at_least = {1: "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters", 0: ""}
+    at_least[1] += " gradient_accumulation_steps max_new_tokens num_samples"
+    at_least[0] += "warmup_iters weight_decay grad_clip eval_sample"
+    for least, names in at_least.items():
+        for name in names.split():
+            if getattr(cfg, name) < least:
+                raise UserError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         each = "each head gets n_embd // n_head channels"
         raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head}): {each}")
@@ -509,9 +512,6 @@ def check_config(cfg):
     for name in ("dropout", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "weight_decay", "grad_clip", "eval_sample"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     if cfg.temperature < 0:
         raise UserError(f"--temperature must be at least 0 (0 means greedy), got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k < 1:
@@ -525,9 +525,9 @@ def check_config(cfg):
 
 
 def settings(overrides, defaults=None, world_size=1):
-    """The settings of a run, checked: the defaults with the command line on top; or to go on from a checkpoint
-    (--resume, --sample), the checkpoint's with the command line on top, but not its device: a run goes on where it
-    is started. Also that checkpoint, and with --init_from the one to fine-tune from (read by rank 0, sent to all)."""
+    """A run's settings, checked: the defaults with the command line on top. To go on from a checkpoint (--resume,
+    --sample), its settings with the command line on top, but not its device: a run goes on where it is started.
+    Also that checkpoint, or the one to fine-tune from (--init_from), read by rank 0 and sent to the others."""
     cfg, ckpt, init = replace(defaults or Config(), **overrides), None, None
     check_config(cfg)
     if cfg.sample:
@@ -543,26 +543,25 @@ def settings(overrides, defaults=None, world_size=1):
         cfg.init_from
     ):  # fine-tuning: the model's shape is the checkpoint's, and the command line may not contradict it
         init = from_rank_0(lambda: load_checkpoint(cfg.init_from, "name the ckpt.pt of a trained run"), world_size)
-        shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
-        for name, value in shape.items():
-            if overrides.get(name, value) != value:
-                keep = f"whose {name} is {value}; leave it out: fine-tuning keeps the model's shape"
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if overrides.get(name, init["config"][name]) != init["config"][name]:
+                keep = f"whose {name} is {init['config'][name]}; leave it out: fine-tuning keeps the model's shape"
                 raise UserError(f"--{name}={overrides[name]} contradicts --init_from={cfg.init_from}, {keep}")
-        cfg = replace(cfg, **shape)
+            cfg = replace(cfg, **{name: init["config"][name]})
     if ckpt:
-        known = {f.name for f in fields(Config)} - {"device"}
-        saved = replace(Config(), **{k: v for k, v in ckpt["config"].items() if k in known})
-        cfg = replace(replace(saved, device=cfg.device), **overrides)
+        saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(Config)} - {"device"}}
+        cfg = replace(replace(Config(), **saved, device=cfg.device), **overrides)
         check_config(cfg)
     return cfg, ckpt, init
 
 
 def say_what_changed(ckpt, cfg, overrides, world_size):
     """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
-    said = []
-    for name, was in ckpt["config"].items():
-        if name in overrides and name not in ("device", "resume", "out_dir") and getattr(cfg, name) != was:
-            said.append(f"{name} {getattr(cfg, name)} (was {was})")
+    said = [
+        f"{k} {getattr(cfg, k)} (was {v})"
+        for k, v in ckpt["config"].items()
+        if k in overrides and k not in ("device", "resume", "out_dir") and getattr(cfg, k) != v
+    ]
     if ckpt.get("world_size", world_size) != world_size:
         sequences = world_size * cfg.batch_size * cfg.gradient_accumulation_steps
         said.append(
@@ -821,8 +820,8 @@ def precision(cfg, device, seconds_per_step, world_size=1):
 
 
 def cpu_dtype(seconds_per_step):
-    """On a CPU, bfloat16 where it has the instructions for it and a training step of this model takes less time in it
-    than in float32 (measured: that depends on the model's size too), else float32; and why, for the header line."""
+    """bfloat16 where this CPU has the instructions for it and a training step of this model takes less time in it
+    than in float32 (that depends on the model's size too), else float32; and why, for the header line."""
     if not cpu_has_bfloat16():
         return torch.float32, " (this CPU has no bfloat16 instructions)"
     float32, bfloat16 = seconds_per_step(torch.float32), seconds_per_step(torch.bfloat16)
@@ -832,8 +831,8 @@ def cpu_dtype(seconds_per_step):
 
 
 def cpu_has_bfloat16():
-    """Whether this CPU multiplies bfloat16 matrices in hardware (x86's AVX512-BF16 or AMX, which cpuinfo reads off
-    the CPU). Elsewhere bfloat16 is emulated, and several times slower than float32."""
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86's AVX512-BF16 or AMX, read off the CPU).
+    Elsewhere bfloat16 is emulated, and several times slower than float32."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -847,12 +846,12 @@ def synchronize(device):
         torch.accelerator.synchronize(device)
 
 
-def seconds_per_batch(model, data, cfg, run, autocast, train=True):
-    """Seconds of a training step's forward and backward pass on one micro-batch (or with train=False, of an evaluation
-    batch), the second of two: the first warms up, and compiles where torch.compile is on. The batch is drawn and the
-    generator put back, and fork_rng restores what dropout drew: training's random numbers are untouched."""
+def seconds_per_batch(model, cfg, run, autocast, train=True):
+    """Seconds of a training step's forward and backward pass on one micro-batch (train=False: of an evaluation batch),
+    the second of two: the first warms up, and compiles. The batch generator is put back and fork_rng restores what
+    dropout drew: training's random numbers are untouched, and no gradient is left."""
     state = run.batches.get_state()
-    x, y = get_batch(data, cfg, run)
+    x, y = get_batch(run.splits["train"], cfg, run)
     run.batches.set_state(state)
     model.train(train)
     try:
@@ -872,16 +871,16 @@ def seconds_per_batch(model, data, cfg, run, autocast, train=True):
 
 
 def compile_model(model, cfg, run):
-    """model compiled if cfg says so (unset: on CUDA under Linux), and the seconds of a step. Compiling happens at the
-    first call: tried here by every process, on a batch of its own, so step 0 finds it ready; where it fails in any
-    process (no C compiler, no Triton), all of them train without it. Under torchrun model is already in DDP, so that
-    Dynamo cuts the graph where DDP's gradient buckets end, and the all-reduce of each overlaps the backward."""
+    """model compiled if cfg says so (unset: on CUDA under Linux), and the seconds of a step, or None. Compiling is
+    tried here by every process, so that step 0 finds it done; where it fails in any process (no C compiler, no
+    Triton), all train without it. Under torchrun model is in DDP already: Dynamo then cuts the graph where DDP's
+    gradient buckets end, so that their all-reduce overlaps the backward."""
     if not (cfg.compile if cfg.compile is not None else run.device.type == "cuda" and sys.platform == "linux"):
         return model, None
     compiled, failed, seconds = torch.compile(model), None, None  # the model's Python becomes fused kernels
     try:  # no_sync: no gradient travels in the trial, so a process that fails in it leaves no other one waiting
         with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext():
-            seconds = seconds_per_batch(compiled, run.splits["train"], cfg, run, run.autocast)
+            seconds = seconds_per_batch(compiled, cfg, run, run.autocast)
     except Exception as e:
         if any(isinstance(x, torch.OutOfMemoryError) for x in (e, e.__cause__, getattr(e, "inner_exception", None))):
             raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
@@ -928,7 +927,7 @@ def from_rank_0(load, world_size):
 
 
 def in_any_process(flag, device):
-    """Whether flag is true in this process or in any other (one verdict for all: none goes on alone)."""
+    """Whether flag is true in this process or in any other: one verdict for all, so that none goes on alone."""
     if not dist.is_initialized():
         return bool(flag)
     flags = torch.tensor(float(flag), device=device)
@@ -953,22 +952,20 @@ def out_of_memory(cfg):
 
 # ---- A run: the machine around the lesson's train(), for gpt.py and bench.py alike.
 class Run(Machine):
-    """A training run on a real machine: the settings (a checkpoint's, when resuming), the device, precision and
-    processes, out_dir and its checkpoints, Ctrl-C, the progress reports. `model` is what training calls: `raw_model`
-    (the plain module, whose weights are saved) in DDP and compiled; used as `with Run(...) as run:`."""
+    """A training run on a real machine, used as `with Run(...) as run:`: the settings (a checkpoint's when resuming),
+    device, precision and processes, out_dir and its checkpoints, Ctrl-C, and the reports. `model` is what training
+    calls: `raw_model` (whose weights are saved) in DDP and compiled. ms/it and tok/s time the training steps alone."""
 
     def __init__(self, overrides, defaults=None, files=True):
-        self.t_start, self.lock, self.stop, self.files = time.time(), None, None, files
         check_config(replace(defaults or Config(), **overrides))  # before a process group is joined
-        device, self.rank, self.world_size = setup_distributed(replace(defaults or Config(), **overrides).device)
-        self.device, self.master = device, self.rank == 0  # only rank 0 prints, writes files and samples
+        self.device, self.rank, self.world_size = setup_distributed(replace(defaults or Config(), **overrides).device)
         self.cfg, self.ckpt, self.init = settings(overrides, defaults, self.world_size)
-        self.out_dir, self.overrides = Path(self.cfg.out_dir), overrides
+        self.master, self.files, self.overrides = self.rank == 0, files, overrides  # rank 0 alone prints and writes
+        self.out_dir, self.lock, self.stop = Path(self.cfg.out_dir), None, None
         self.vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
-        if self.ckpt:
-            self.t_start -= self.ckpt["elapsed_s"]  # elapsed_s counts the runs it continues too
-            if self.master:
-                say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
+        self.t_start = time.time() - (self.ckpt["elapsed_s"] if self.ckpt else 0.0)  # with the runs it continues
+        if self.ckpt and self.master:
+            say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
         if self.master and files and self.out_dir.is_dir():  # in use? say so now, not after minutes of compiling
             self.lock = lock_out_dir(self.out_dir)
 
@@ -986,45 +983,72 @@ class Run(Machine):
             raise UserError(out_of_memory(self.cfg)) from None
 
     def prepare(self, model, optimizer, tokenizer, splits):
-        """The model as training calls it, and all it needs: a checkpoint's weights and state, the precision, the
-        random states, DDP and torch.compile; out_dir made ready; the header lines, and a note if the run is long."""
-        cfg, device = self.cfg, self.device
+        """The model as training calls it, fitted to this machine: a checkpoint's weights and state, the precision, the
+        random states, DDP, torch.compile; then out_dir, the Ctrl-C handler, the header lines, and a long run's note."""
+        cfg, device, master = self.cfg, self.device, self.master
         self.raw_model, self.optimizer, self.tokenizer, self.splits = model, optimizer, tokenizer, splits
-        self.prompt = self.prompt_for(tokenizer, splits)
+        self.prompt = self.check_text_and_prompt()
         if self.init:  # fine-tuning: the weights of a trained model, and from here on a new run
             load_weights(model, self.init, cfg.init_from)
         self.batches = torch.Generator(device).manual_seed(cfg.seed)  # alike in every process: one global batch
-        trial = lambda dtype: seconds_per_batch(model, splits["train"], cfg, self, autocast_to(device, dtype))
-        self.dtype, self.autocast, self.scaler, self.why = precision(cfg, device, trial, self.world_size)
+        trial = lambda dtype: seconds_per_batch(model, cfg, self, autocast_to(device, dtype))
+        self.dtype, self.autocast, self.scaler, why = precision(cfg, device, trial, self.world_size)
         self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
         if self.ckpt:
             self.restore(self.ckpt)
-        if not self.ckpt or self.rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's RNG)
+        if not self.ckpt or self.rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's)
             torch.manual_seed(cfg.seed + self.rank)
         self.model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model  # averages gradients
-        self.model, self.step_s = compile_model(self.model, cfg, self)  # step_s: a micro-batch's forward and backward
-        self.compiled = self.step_s is not None
-        if self.master and self.start_step == 0 and self.files:  # for the note on a long run: a step and a batch
-            self.step_s = self.step_s or seconds_per_batch(model, splits["train"], cfg, self, self.autocast)
-            self.eval_s = seconds_per_batch(self.model, splits["train"], cfg, self, self.autocast, train=False)
-        if self.master and self.files:
+        self.model, step_s = compile_model(self.model, cfg, self)  # step_s: a step's seconds, where it compiled
+        self.compiled = step_s is not None
+        if master and self.files:
             self.lock = prepare_out_dir(self.out_dir, self.ckpt["step"] if self.ckpt else None, self.lock)
-        self.stop = StopRequest(self.world_size, quiet=not self.master)  # Ctrl-C or SIGTERM: stop after a step, save
-        self.progress = Progress(self)
+        self.stop = StopRequest(self.world_size, quiet=not master)  # Ctrl-C or SIGTERM: stop after a step, and save
+        self.tokens_per_iter, self.flops_per_gpu = throughput(model, cfg, self.world_size)
+        self.peak = peak_flops(device, self.dtype) if self.flops_per_gpu else None
+        self.first_bad = torch.tensor(NONE, device=device)  # the first step whose loss was not finite
+        self.losses, self.ms_per_iter, self.eval_s, self.text = None, None, 0.0, None
+        if self.files:  # a run, not bench.py's measurement: the header, and a note if it will take long
+            self.announce(why, step_s)
+        self.t_last, self.step_last = time.time(), self.start_step
         return self.model
 
-    def prompt_for(self, tokenizer, splits):
-        """The samples' prompt, refused now if the user's has a character the model does not know, not after
-        training; where the text has no newline (the default prompt), its first character."""
-        if "prompt" in self.overrides or self.cfg.sample:
-            encode_prompt(tokenizer, self.cfg.prompt)
-        if len(splits["val"]) <= self.cfg.block_size:
-            n, size = len(splits["train"]) + len(splits["val"]), self.cfg.block_size
-            why = f"{size}, since its last 10% (validation) needs at least {size + 1}"
-            too_few = f"{self.cfg.data or DEFAULT_DATA} has {n} characters: too few for block_size {why}"
+    def announce(self, why, step_s):
+        """The header lines, and a note if the run will take long: a step and an evaluation batch, timed (by rank 0
+        alone: the plain model, outside DDP), times all the run will do."""
+        cfg, n, size = self.cfg, self.world_size, sum(p.numel() for p in self.raw_model.parameters())
+        size = f"{size / 1e6:.2f}M" if size >= 100_000 else f"{size:,}"  # the bigram's table: 4,225
+        dtype, compiled = str(self.dtype).removeprefix("torch."), "on" if self.compiled else "off"
+        self.log(f"{size} parameters | device {self.device} | {dtype}{why} | compile {compiled} | {n} process(es)")
+        per_iter = f"{self.tokens_per_iter // cfg.block_size} sequences of {cfg.block_size}"
+        batch = f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {n} process(es)"
+        self.log(f"batch {batch} = {per_iter} = {self.tokens_per_iter:,} tokens per iteration")
+        if self.master and self.start_step == 0:
+            step_s = step_s or seconds_per_batch(self.raw_model, cfg, self, self.autocast)
+            eval_s = seconds_per_batch(self.model, cfg, self, self.autocast, train=False)  # no gradients: DDP waits not
+            projected = cfg.gradient_accumulation_steps * (
+                cfg.max_iters * step_s + 2 * cfg.eval_iters * count_evaluations(cfg) * eval_s
+            )
+            if projected > 1800:
+                recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
+                self.log(
+                    f"note: this run will take about {format_duration(projected)} on {self.device}; {recipe}",
+                    flush=True,
+                )
+
+    def check_text_and_prompt(self):
+        """Refuse a text too short for a window of validation, or a prompt with characters the model does not know,
+        now rather than after training. The samples' prompt: where the text has no newline, its first character."""
+        cfg, tokenizer, splits = self.cfg, self.tokenizer, self.splits
+        if len(splits["val"]) <= cfg.block_size:
+            n = len(splits["train"]) + len(splits["val"])
+            why = f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}"
+            too_few = f"{cfg.data or DEFAULT_DATA} has {n} characters: too few for block_size {why}"
             raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
-        known = set(self.cfg.prompt) <= tokenizer.stoi.keys()
-        return self.cfg.prompt if known else tokenizer.chars[int(splits["train"][0])]
+        if "prompt" in self.overrides:
+            encode_prompt(tokenizer, cfg.prompt)
+        known = set(cfg.prompt) <= tokenizer.stoi.keys()
+        return cfg.prompt if known else tokenizer.chars[int(splits["train"][0])]
 
     def restore(self, ckpt):
         """Go on from a checkpoint: its weights, AdamW's moments, the loss scale, the random states and the step."""
@@ -1062,7 +1086,7 @@ class Run(Machine):
 
     def save(self, name, step):
         """Everything needed to go on from `step`, saved as out_dir/name by rank 0."""
-        if not self.master:
+        if not (self.master and self.files):
             return
         rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "device": self.device.type}
         if self.device.type == "cuda":
@@ -1075,16 +1099,19 @@ class Run(Machine):
         save_checkpoint(self.out_dir / name, state)
 
     def evaluate(self, step, estimate):
-        """estimate() (estimate_loss) with the machine around it: the clock of the training steps paused, a loss that
-        went NaN in any process stopping all of them, the line of text drawn first, Ctrl-C abandoning either within a
-        batch, the means averaged over the processes. Returns floats, or None if a Ctrl-C (in any process) cut it."""
-        self.progress.pause(step)
-        state = self.batches.get_state()
+        """estimate() (estimate_loss) on this machine: the clock of the training steps stopped, a loss gone NaN in any
+        process stopping all, the line of text written first, Ctrl-C giving either up within a batch, the means averaged
+        over the processes. Returns them as floats, or None where a Ctrl-C (in any process) cut them short."""
+        synchronize(self.device)  # so that the clock measures the steps, not just their launch
+        if step > self.step_last:
+            self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
+        self.check_finite()
+        self.t_eval, state = time.time(), self.batches.get_state()
         try:
             with self.stop.abandons():
-                self.progress.text = sample_line(self) if self.master and self.cfg.eval_sample else None
-                means = torch.tensor([*estimate().values(), 0.0], device=self.device)
-        except Abandoned:  # the last entry: whether this process gave up
+                self.text = sample_line(self) if self.master and self.cfg.eval_sample else None
+                means = torch.tensor([*estimate().values(), 0.0], device=self.device)  # 0: this process went through
+        except Abandoned:
             means = torch.tensor([0.0, 0.0, 1.0], device=self.device)
             self.model.train()
         if self.world_size > 1:
@@ -1097,36 +1124,66 @@ class Run(Machine):
         return dict(zip(("train", "val"), means[:2].tolist(), strict=True))
 
     def report(self, step, losses, lr):
-        """The progress line and its row of metrics.jsonl; the model saved as ckpt.pt if its val loss is the best yet.
-        The clock of the training steps then goes on: ms/it leaves out the evaluation and the save."""
-        self.progress.report(step, losses, lr)
+        """The progress line, the line of text under it, a row of metrics.jsonl; ckpt.pt if val is the best yet.
+        Then the clock of the training steps goes on: ms/it leaves out the evaluation and the save."""
+        cfg, ms = self.cfg, self.ms_per_iter
+        self.losses, self.eval_s = losses, time.time() - self.t_eval
+        line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
+        if ms:
+            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
+            line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
+            left = cfg.max_iters - step
+            line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
+        self.log(line, flush=True)
+        if self.text is not None:  # as a JSON string: newlines show as \n, and it stays on one line
+            self.log(f"  {json.dumps(self.text, ensure_ascii=False)}", flush=True)
+        row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
+        row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - self.t_start, 2))
+        row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
+        try:
+            if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
+                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            kept = "the checkpoints beside it are kept"
+            raise UserError(f"could not write {self.out_dir / 'metrics.jsonl'} ({e.strerror or e}); {kept}") from None
         if losses["val"] < self.best_val:
             self.best_val = losses["val"]
             self.save("ckpt.pt", step)
-        self.progress.resume(step)
+        self.t_last, self.step_last = time.time(), step
 
     def stop_requested(self):
         return self.stop.requested()
 
     def watch(self, step, loss):
-        self.progress.watch(step, loss)
+        """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
+
+    def check_finite(self):
+        if self.world_size > 1:  # a loss gone NaN in one process stops all of them, at the same step
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
+        step = self.first_bad.item()  # waits for the GPU: called only where the loop stops anyway
+        if step < NONE:
+            causes = "a learning rate too high (lower --learning_rate, keep --grad_clip on) or too little precision"
+            kept = f"(try --dtype=float32); the last good checkpoint in {self.out_dir}/ is kept"
+            raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
 
     def interrupted(self, step):
         """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
-        self.progress.check_finite()  # never save a model that has already blown up
+        self.check_finite()  # never save a model that has already blown up
         self.save("last.pt", step)
         self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
         return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)  # the last: another process's, unknown
 
     def best_model(self):
-        """After the last step: the best model, from ckpt.pt, to write a sample (rank 0; the other processes are
-        done: None). A Ctrl-C from here on stops at once: nothing is left to save."""
+        """After the last step: the best model, from ckpt.pt, to write a sample (rank 0; the other processes are done:
+        None). A Ctrl-C from here on stops at once: nothing is left to save."""
         leave_process_group(self.stop)
         if not self.master:
             return None
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
-        if self.progress.losses is None:  # resumed a finished run: nothing was evaluated in this one
-            self.progress.losses = estimate_loss(self.raw_model, self.splits, self.cfg, self)
+        if self.losses is None:  # resumed a finished run: nothing was evaluated in this one
+            self.losses = estimate_loss(self.raw_model, self.splits, self.cfg, self)
         self.wall, self.stop.at_once = time.time() - self.t_start, True
         best = load_checkpoint(self.out_dir / "ckpt.pt")
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
@@ -1134,13 +1191,11 @@ class Run(Machine):
         return load_weights(self.raw_model, best, self.out_dir / "ckpt.pt")
 
     def finish(self):
-        """The line that sums the run up (rank 0); the exit status."""
-        losses, wall = self.progress.losses, getattr(self, "wall", 0.0)
+        """The line that sums the run up (rank 0), and the exit status."""
         if self.master:
-            summary = f"train {losses['train']:.4f} | val {losses['val']:.4f} | best val {self.best_val:.4f}"
-            print(
-                f"\nfinal: {summary} | wall {format_duration(wall)} ({wall:.1f}s) | checkpoint {self.out_dir}/ckpt.pt"
-            )
+            summary = f"train {self.losses['train']:.4f} | val {self.losses['val']:.4f} | best val {self.best_val:.4f}"
+            wall = f"wall {format_duration(self.wall)} ({self.wall:.1f}s)"
+            print(f"\nfinal: {summary} | {wall} | checkpoint {self.out_dir}/ckpt.pt")
         return 0
 
 
@@ -1251,94 +1306,13 @@ def format_duration(seconds):
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def throughput(model, cfg, world_size):
+    """Tokens per optimizer step (all processes), and the FLOPs each GPU does for them: its own share of the batch."""
+    tokens = cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size
+    return tokens, flops_per_token(model, cfg) * tokens / world_size
+
+
 NONE = 2**62  # no step: the first step whose loss was not finite, while there is none
-
-
-class Progress:
-    """A run's reports. ms/it times the training steps alone (elapsed_s in metrics.jsonl counts everything). A loss that
-    is not finite is noted on the device, without waiting for it, and checked where the loop stops anyway."""
-
-    def __init__(self, run):
-        self.run, cfg, n = run, run.cfg, run.world_size
-        sequences = cfg.batch_size * cfg.gradient_accumulation_steps * n  # the effective batch
-        self.tokens_per_iter = sequences * cfg.block_size
-        self.flops_per_gpu = flops_per_token(run.raw_model, cfg) * self.tokens_per_iter / n  # each GPU's share
-        self.peak = peak_flops(run.device, run.dtype) if self.flops_per_gpu else None
-        self.first_bad = torch.tensor(NONE, device=run.device)  # the first step whose loss was not finite
-        self.losses, self.ms_per_iter, self.eval_s, self.text = None, None, 0.0, None
-        n_params, dtype = sum(p.numel() for p in run.raw_model.parameters()), str(run.dtype).removeprefix("torch.")
-        size = f"{n_params / 1e6:.2f}M" if n_params >= 100_000 else f"{n_params:,}"
-        compiled, batch = "on" if run.compiled else "off", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps}"
-        per_iter = f"{sequences} sequences of {cfg.block_size} = {self.tokens_per_iter:,} tokens per iteration"
-        if run.files:  # a run, not bench.py's measurement
-            run.log(
-                f"{size} parameters | device {run.device} | {dtype}{run.why} | compile {compiled} | {n} process(es)"
-            )
-            run.log(f"batch {batch} accumulation x {n} process(es) = {per_iter}")
-        if run.master and run.start_step == 0 and run.files:
-            self.warn_if_long()
-        self.t_last, self.step_last = time.time(), run.start_step
-
-    def warn_if_long(self):
-        """A run of hours says so before it starts: its steps and evaluations, from the seconds of a training step's
-        micro-batch and of an evaluation batch timed at setup (Run.prepare)."""
-        run, cfg = self.run, self.run.cfg
-        batches = cfg.max_iters * run.step_s + 2 * cfg.eval_iters * count_evaluations(cfg) * run.eval_s
-        projected = cfg.gradient_accumulation_steps * batches
-        if projected > 1800:
-            recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
-            run.log(
-                f"note: this run will take about {format_duration(projected)} on {run.device}; {recipe}", flush=True
-            )
-
-    def watch(self, step, loss):
-        """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
-        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
-
-    def check_finite(self):
-        if self.run.world_size > 1:  # a loss gone NaN in one process stops all of them, at the same step
-            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
-        step = self.first_bad.item()  # waits for the GPU: called only where the loop stops anyway
-        if step < NONE:
-            causes = "a learning rate too high (lower --learning_rate, keep --grad_clip on) or too little precision"
-            kept = f"(try --dtype=float32); the last good checkpoint in {self.run.out_dir}/ is kept"
-            raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
-
-    def pause(self, step):
-        """Before an evaluation: the time per step since the last one, and a stop if a loss was not finite."""
-        synchronize(self.run.device)  # so that the clock measures the steps, not just their launch
-        if step > self.step_last:
-            self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
-        self.check_finite()
-        self.t_eval = time.time()
-
-    def report(self, step, losses, lr):
-        """After an evaluation: the progress line, the line of text under it, and the same as a row of metrics.jsonl."""
-        run, cfg, ms = self.run, self.run.cfg, self.ms_per_iter
-        self.losses, self.eval_s = losses, time.time() - self.t_eval
-        line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
-        if ms:
-            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
-            line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
-            left = cfg.max_iters - step
-            line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
-        run.log(line, flush=True)
-        if self.text is not None:  # as a JSON string: newlines show as \n, and it stays on one line
-            run.log(f"  {json.dumps(self.text, ensure_ascii=False)}", flush=True)
-        row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
-        row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - run.t_start, 2))
-        row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
-        try:
-            if run.master and run.files:  # one line of JSON per evaluation, for plots and scripts
-                with open(run.out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            kept = "the checkpoints beside it are kept"
-            raise UserError(f"could not write {run.out_dir / 'metrics.jsonl'} ({e.strerror or e}); {kept}") from None
-
-    def resume(self, step):
-        """After the evaluation, its report and its checkpoint: the clock of the training steps goes on."""
-        self.t_last, self.step_last = time.time(), step
 
 
 # ---- Sampling with a KV cache, the line of text at each evaluation, and the --sample command.
@@ -1395,8 +1369,7 @@ def sample(overrides, defaults=None, make_model=None):
     model.to(device)
     torch.manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
-        if i:
-            print("---")
+        print("---" if i else "", end="\n" if i else "")
         print_sample(model, tokenizer, cfg.prompt, cfg)
     return 0
 

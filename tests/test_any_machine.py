@@ -56,8 +56,8 @@ def test_the_dtype_trial_leaves_training_exactly_as_float32_would_have_it(corpus
     assert gpt.main([*args, f"--out_dir={tmp_path / 'float32'}"]) == 0
     timed, real = [], gpt.seconds_per_batch
 
-    def slow_bfloat16(model, data, cfg, device, autocast, train=True):
-        seconds = real(model, data, cfg, device, autocast, train)  # a real forward and backward, in that dtype
+    def slow_bfloat16(model, cfg, run, autocast, train=True):
+        seconds = real(model, cfg, run, autocast, train)  # a real forward and backward, in that dtype
         timed.append(getattr(autocast, "fast_dtype", torch.float32))
         return seconds * (3 if timed[-1] == torch.bfloat16 else 1) + (1.0 if timed[-1] == torch.bfloat16 else 0)
 

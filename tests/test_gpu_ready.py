@@ -9,12 +9,11 @@ import shutil
 import signal
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, trained_once
+from conftest import TINY, built, trained_once
 
 import gpt
 
@@ -85,37 +84,21 @@ def test_the_card_table_matches_whole_card_names(name, monkeypatch, tf32_flags):
     assert gpt.peak_flops(CPU, torch.float32) is None
 
 
-def fake_run(world_size, out_dir):
-    """What Progress reads of a run: 4 processes of a tiny model, rank 1 (which prints nothing)."""
-    cfg = gpt.replace(gpt.Config(), n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, out_dir=str(out_dir))
-    model = gpt.GPT(65, cfg)
-    return types.SimpleNamespace(
-        cfg=cfg,
-        world_size=world_size,
-        raw_model=model,
-        device=CPU,
-        dtype=torch.bfloat16,
-        why="",
-        compiled=False,
-        files=True,
-        master=False,
-        start_step=0,
-        out_dir=Path(out_dir),
-        t_start=time.time(),
-        log=print,
-    )
-
-
 @pytest.mark.parametrize("world_size", [1, 4])
-def test_mfu_is_each_gpus_share_of_its_own_cards_peak(world_size, tmp_path, capsys):
+def test_mfu_is_each_gpus_share_of_its_own_cards_peak(world_size):
     """Each process trains its share of the global batch on its own card: tokens of all / processes / one peak."""
-    progress = gpt.Progress(fake_run(world_size, tmp_path))
-    tokens = 8 * 16 * world_size  # the batch of all processes
-    assert progress.tokens_per_iter == tokens
-    per_gpu = gpt.flops_per_token(progress.run.raw_model, progress.run.cfg) * tokens / world_size
-    progress.peak, progress.ms_per_iter = per_gpu / 0.5, 500.0  # a card that does one step's work in 0.5 s: 100%
-    progress.t_eval, progress.text = time.time(), None
-    progress.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
+    cfg = gpt.replace(gpt.Config(), n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8)
+    model = gpt.GPT(65, cfg)
+    tokens, per_gpu = gpt.throughput(model, cfg, world_size)
+    assert tokens == 8 * 16 * world_size  # the batch of all processes
+    assert per_gpu == gpt.flops_per_token(model, cfg) * tokens / world_size
+
+
+def test_the_progress_line_shows_mfu_against_the_cards_peak(corpus, capsys):
+    with built([*TINY, f"--data={corpus}"]) as run:
+        run.peak, run.ms_per_iter = run.flops_per_gpu / 0.5, 500.0  # a card that does one step's work in 0.5 s: 100%
+        run.t_eval = time.time()
+        run.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
     assert "| mfu 100% |" in capsys.readouterr().out
 
 
