@@ -101,8 +101,10 @@ class Machine:
     precision, several processes, batches drawn from a generator of their own."""
 
     rank, world_size = 0, 1  # this process, of how many (Part 2: several under torchrun)
-    batches = None  # the generator that batches are drawn from; None: torch's own
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # float16's loss scaling: off
+
+    def __init__(self, batches=None):
+        self.batches = batches  # the generator that batches are drawn from; None: torch's own
 
     def forward(self, last=True):
         """The context a forward pass runs in (Part 2: autocast; with several processes, when gradients travel)."""
