@@ -1,6 +1,7 @@
 """How fast is gpt.py on this machine? Training steps, MFU, memory, evaluation and sampling, measured.
 
     python bench.py                                   the default model on the best device here
+    python bench.py --recipe=cpu                      the CPU recipe's model
     python bench.py --device=cpu --batch_size=8 --steps=3 --json=bench.json
     python bench.py --text_mb=1,100,1000              what the size of the text costs before training
 
@@ -39,7 +40,8 @@ class BenchConfig(gpt.Config):
 
 def parse_args(argv):
     """gpt.py's settings and bench.py's own, through gpt.py's parser."""
-    cfg = replace(BenchConfig(), **gpt.parse_overrides(argv, BenchConfig()))
+    overrides = gpt.parse_overrides(argv, BenchConfig())
+    cfg = replace(BenchConfig(**asdict(gpt.starting_point(overrides))), **overrides)  # --recipe=cpu: the recipe's size
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.json is not None and (not cfg.json or Path(cfg.json).is_dir()):

@@ -1,8 +1,10 @@
 """The baseline: a bigram model, in which the current character alone predicts the next one.
 
-It is the lecture's first model. Its only parameters are a vocab_size x vocab_size table: row i holds
-the logits (unnormalised log-probabilities) of the character that follows character i. Everything
-else (data, training loop, evaluation, checkpoints, sampling, the command line) is gpt.py's.
+The lecture's first model, ported to a script as the lecture ports it (its bigram.py): the hyperparameters, the
+model, and a run. Its only parameters are a vocab_size x vocab_size table: row i holds the logits (unnormalised
+log-probabilities) of the character that follows character i. The rest of the lecture's script (reading the text,
+get_batch, estimate_loss, the training loop, generate) is gpt.py's Part 1, which takes any model: this one trains
+and writes through it, with gpt.py's command line, checkpoints and Ctrl-C.
 
     python bigram.py                     train (under a minute on a CPU), then compare with counting
     python bigram.py --sample            write text with the model saved in out-bigram/ckpt.pt
@@ -81,12 +83,11 @@ def compare_with_counts(cfg):
     """Print the trained table's val loss beside the count-based reference."""
     path = Path(cfg.out_dir) / "ckpt.pt"
     ckpt = gpt.load_checkpoint(path)
-    tokenizer = gpt.CharTokenizer(ckpt["vocab"])
-    train, val = gpt.split_data(torch.tensor(tokenizer.encode(gpt.load_text(cfg.data)), dtype=torch.long))
-    model = BigramLanguageModel(tokenizer.vocab_size, cfg)
-    gpt.load_weights(model, ckpt, path)
+    _, ids = gpt.read_corpus(cfg.data, ckpt["vocab"])
+    train, val = gpt.split_data(ids.long())
+    model = gpt.load_weights(BigramLanguageModel(len(ckpt["vocab"]), cfg), ckpt, path)
     ours = whole_split_loss(model, val)
-    reference = count_based_loss(train.numpy(), val.numpy(), tokenizer.vocab_size)
+    reference = count_based_loss(train.numpy(), val.numpy(), len(ckpt["vocab"]))
     print(
         f"bigram val loss over the whole val split: {ours:.4f} | counted from the train split (add-one): "
         f"{reference:.4f} | gap {ours - reference:+.4f}"

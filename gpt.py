@@ -70,6 +70,7 @@ class Config:
     eval_sample: int = 80  # characters the model writes at every evaluation, under the progress line; 0: none
     seed: int = 1337  # fixes the initial weights, the batches, dropout and sampling
     # system
+    recipe: str = ""  # cpu: start from CPU_RECIPE below (a small model, minutes on a laptop) instead of these defaults
     device: str = "auto"  # auto: cuda if present, then mps (Apple), then cpu; or name one
     dtype: str = "auto"  # auto: bfloat16 on recent GPUs, float16 on older ones; on a CPU whichever is faster here
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA under Linux, off elsewhere
@@ -88,9 +89,9 @@ class Config:
 # The lecture's gpt.py, for comparison: batch_size=64 block_size=256 max_iters=5000 eval_interval=500
 # learning_rate=3e-4 (constant) eval_iters=200 n_embd=384 n_head=6 n_layer=6 dropout=0.2 -> val 1.48.
 
-# A run that fits a laptop: val about 1.74 in about 2 minutes on two CPU cores (README): a smaller model, no dropout,
-# a higher learning rate. command_line(CPU_RECIPE) spells it out as the command to type.
-CPU_RECIPE = replace(Config(), block_size=64, batch_size=16, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
+# A run that fits a laptop, python gpt.py --recipe=cpu: val about 1.74 in about 2 minutes on two CPU cores (README): a
+# smaller model, no dropout, a higher learning rate. Any knob given beside --recipe=cpu changes it.
+CPU_RECIPE = replace(Config(), recipe="cpu", block_size=64, batch_size=16, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
 CPU_RECIPE = replace(CPU_RECIPE, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, eval_iters=20, device="cpu")
 CPU_RECIPE = replace(CPU_RECIPE, eval_interval=250, out_dir="out-cpu")  # its own folder: not the default run's
 
@@ -489,10 +490,16 @@ def knob_help(defaults):
 
 
 def command_line(cfg, script="gpt.py"):
-    """The command that runs cfg: `python gpt.py` and --name=value for every setting not at its default."""
-    changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    """The command that runs cfg: `python gpt.py`, its --recipe, and --name=value for every setting that differs."""
+    start = starting_point({"recipe": cfg.recipe})
+    changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(start, f.name)}
     flags = [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
-    return " ".join([f"python {script}", *flags])
+    return " ".join([f"python {script}", *([f"--recipe={cfg.recipe}"] if cfg.recipe else []), *flags])
+
+
+def starting_point(overrides, defaults=None):
+    """What the command line changes: CPU_RECIPE where it says --recipe=cpu, else the script's defaults."""
+    return CPU_RECIPE if overrides.get("recipe") == "cpu" else defaults or Config()
 
 
 def check_config(cfg):
@@ -518,6 +525,8 @@ def check_config(cfg):
         raise UserError(f"--temperature must be at least 0 (0 means greedy), got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise UserError(f"--top_k must be at least 1 (or none for no limit), got {cfg.top_k}")
+    if cfg.recipe not in ("", "cpu"):
+        raise UserError(f"--recipe must be cpu (or empty: the defaults), got {cfg.recipe!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if not cfg.prompt:
@@ -530,7 +539,7 @@ def settings(overrides, defaults=None, world_size=1):
     """A run's settings, checked: the defaults with the command line on top. To go on from a checkpoint (--resume,
     --sample), its settings with the command line on top, but not its device: a run goes on where it is started.
     Also that checkpoint, or the one to fine-tune from (--init_from), read by rank 0 and sent to the others."""
-    cfg, ckpt, init = replace(defaults or Config(), **overrides), None, None
+    cfg, ckpt, init = replace(starting_point(overrides, defaults), **overrides), None, None
     check_config(cfg)
     if cfg.sample:
         ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
@@ -959,8 +968,9 @@ class Run(Machine):
     calls: `raw_model` (whose weights are saved) in DDP and compiled. ms/it and tok/s time the training steps alone."""
 
     def __init__(self, overrides, defaults=None, files=True):
-        check_config(replace(defaults or Config(), **overrides))  # before a process group is joined
-        self.device, self.rank, self.world_size = setup_distributed(replace(defaults or Config(), **overrides).device)
+        start = replace(starting_point(overrides, defaults), **overrides)
+        check_config(start)  # before a process group is joined
+        self.device, self.rank, self.world_size = setup_distributed(start.device)
         self.cfg, self.ckpt, self.init = settings(overrides, defaults, self.world_size)
         self.master, self.files, self.overrides = self.rank == 0, files, overrides  # rank 0 alone prints and writes
         self.out_dir, self.lock, self.stop = Path(self.cfg.out_dir), None, None
@@ -1391,7 +1401,7 @@ def main(argv=None, defaults=None, make_model=None):
         leave_process_group()
         return 1
     except torch.OutOfMemoryError:  # while setting up or sampling (training says it with its own settings)
-        print(f"error: {out_of_memory(replace(defaults or Config(), **overrides))}", file=sys.stderr)
+        print(f"error: {out_of_memory(replace(starting_point(overrides, defaults), **overrides))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one while nothing was left to save
         saved = "nothing new was saved, the checkpoints on disk are whole"

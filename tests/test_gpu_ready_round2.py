@@ -169,3 +169,22 @@ def test_a_checkpoint_records_its_number_of_processes(corpus, tmp_path):
     assert gpt.main([*TINY, f"--data={corpus}", "--max_iters=2", f"--out_dir={tmp_path}"]) == 0
     assert gpt.load_checkpoint(tmp_path / "ckpt.pt")["world_size"] == 1
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
+
+
+def test_sampling_with_the_kv_cache_builds_no_mask_for_the_fused_kernel(monkeypatch):
+    """A new character after the cached ones may look at all of them: the fused kernel needs no mask for it, and the
+    only masked call is the first, on the whole window, where is_causal masks without a (T,T) matrix."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((q.size(2), k.size(2), attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", spy)
+    cfg = gpt.Config(n_layer=2, n_head=2, n_embd=32, block_size=8, dropout=0.0)
+    torch.manual_seed(0)
+    model = gpt.GPT(65, cfg)
+    gpt.generate(model, torch.zeros((1, 3), dtype=torch.long), 20)  # past block_size: the cache is rebuilt twice
+    assert all(mask is None for _, _, mask, _ in calls)
+    assert {(T == Tk and T > 1) for T, Tk, _, causal in calls if causal} == {True}  # is_causal on whole windows only
+    assert all(T == 1 for T, Tk, _, causal in calls if not causal) and any(Tk > 1 for T, Tk, _, c in calls if not c)
