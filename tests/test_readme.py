@@ -29,3 +29,24 @@ def test_ci_runs_the_readme_test_command():
 def test_every_knob_is_in_the_readme_table():
     for f in gpt.fields(gpt.Config):
         assert f"| `{f.name}` |" in README, f.name
+
+
+def markdown_table(text, header):
+    """{first cell: [the other cells]} of the Markdown table in text whose header row starts with `header`."""
+    lines = text[text.index(header) :].splitlines()[2:]  # after the header and the |---| row
+    rows = [line for line in lines[: next((i for i, line in enumerate(lines) if not line.startswith("|")), None)]]
+    cells = [[cell.strip(" *") for cell in row.strip().strip("|").split("|")] for row in rows]
+    return {row[0]: row[1:] for row in cells}
+
+
+def test_the_build_up_table_is_notebook_03s():
+    """The README's val losses of the build-up are the ones notebook 03's committed outputs show."""
+    import nbformat
+
+    nb = nbformat.reads((ROOT / "notebooks" / "03_building_the_transformer.ipynb").read_text(), as_version=4)
+    shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs if "data" in o]
+    notebook = markdown_table(next(t for t in shown if t.startswith("| step | lecture |")), "| step | lecture |")
+    readme = markdown_table(README, "| step | lecture | notebook 03 |")
+    assert readme.keys() == notebook.keys() and len(readme) >= 7
+    for step, (_, ours) in readme.items():
+        assert ours == notebook[step][2], step  # the notebook's columns: lecture, lecture's code here, val, ...
