@@ -550,9 +550,7 @@ def settings(overrides, defaults=None, world_size=1):
             where = f"from --init_from={started}" if started else "from scratch"
             new_run = "leave out --resume to start a new run from it (in another --out_dir)"
             raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
-    elif (
-        cfg.init_from
-    ):  # fine-tuning: the model's shape is the checkpoint's, and the command line may not contradict it
+    elif cfg.init_from:  # fine-tuning: the model's shape is the checkpoint's, and the command line may not say else
         init = from_rank_0(lambda: load_checkpoint(cfg.init_from, "name the ckpt.pt of a trained run"), world_size)
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if overrides.get(name, init["config"][name]) != init["config"][name]:
