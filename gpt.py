@@ -70,7 +70,7 @@ class Config:
     eval_sample: int = 80  # characters the model writes at every evaluation, under the progress line; 0: none
     seed: int = 1337  # fixes the initial weights, the batches, dropout and sampling
     # system
-    recipe: str = ""  # cpu: start from CPU_RECIPE below (a small model, minutes on a laptop) instead of these defaults
+    recipe: str = ""  # cpu: start from CPU_RECIPE (a small model that trains in minutes on a laptop), not the defaults
     device: str = "auto"  # auto: cuda if present, then mps (Apple), then cpu; or name one
     dtype: str = "auto"  # auto: bfloat16 on recent GPUs, float16 on older ones; on a CPU whichever is faster here
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA under Linux, off elsewhere
@@ -856,16 +856,18 @@ def synchronize(device):
 
 
 def seconds_per_batch(model, cfg, run, autocast, train=True):
-    """Seconds of a training step's forward and backward pass on one micro-batch (train=False: of an evaluation batch),
-    the second of two: the first warms up, and compiles. The batch generator is put back and fork_rng restores what
-    dropout drew: training's random numbers are untouched, and no gradient is left."""
+    """Seconds of a training step's forward and backward pass on one micro-batch (train=False: of an evaluation batch):
+    the least of three, after one that warms up and compiles (on a CPU the first few passes of a large model are slow,
+    as its memory settles). The batch generator is put back and fork_rng restores what dropout drew: training's random
+    numbers are untouched, and no gradient is left."""
     state = run.batches.get_state()
     x, y = get_batch(run.splits["train"], cfg, run)
     run.batches.set_state(state)
     model.train(train)
+    seconds = []
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            for _ in range(2):
+            for _ in range(4):
                 synchronize(run.device)
                 t = time.perf_counter()
                 with autocast, torch.set_grad_enabled(train):
@@ -873,7 +875,8 @@ def seconds_per_batch(model, cfg, run, autocast, train=True):
                 if train:
                     loss.backward()
                 synchronize(run.device)
-        return time.perf_counter() - t
+                seconds.append(time.perf_counter() - t)
+        return min(seconds[1:])
     finally:
         model.zero_grad(set_to_none=True)
         model.train()
