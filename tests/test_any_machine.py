@@ -10,6 +10,7 @@ from dataclasses import fields
 import pytest
 import torch
 from conftest import ROOT, TINY, find_corpus, run_script
+from test_bench import load_bench
 
 import gpt
 
@@ -24,25 +25,39 @@ def comments(source):
     return dict(re.findall(r"^    (\w+): .+?  # (.+)$", source, flags=re.M))
 
 
+def help_of(script, flag, capsys):
+    """What `python script flag` prints, run in this process: its main() prints the help and exits with 0."""
+    mains = {"gpt.py": gpt.main, "bigram.py": __import__("bigram").main, "bench.py": load_bench().main}
+    with pytest.raises(SystemExit) as done:
+        mains[script]([flag, "--n_layer=ten"])  # --help wins over anything else on the line, even a bad value
+    out, err = capsys.readouterr()
+    assert done.value.code == 0 and err == "", err
+    return re.sub(r"^usage: python \S+", f"usage: python {script}", out)  # from the shell, sys.argv[0] names it
+
+
+def test_help_from_the_shell_exits_0():
+    r = run_script("gpt.py", "--help")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("usage: python gpt.py [--name=value ...]")
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 @pytest.mark.parametrize("script", ["gpt.py", "bigram.py", "bench.py"])
-def test_help_prints_every_knob_with_its_default_and_comment(script, flag):
-    r = run_script(script, flag, "--n_layer=ten")  # --help wins over anything else on the line, even a bad value
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert r.stdout.startswith(f"usage: python {script} [--name=value ...]")
+def test_help_prints_every_knob_with_its_default_and_comment(script, flag, capsys):
+    out = help_of(script, flag, capsys)
+    assert out.startswith(f"usage: python {script} [--name=value ...]")
     bench = script == "bench.py"
     defaults = {"gpt.py": gpt.Config(), "bigram.py": __import__("bigram").DEFAULTS}.get(script)
     source = (ROOT / script).read_text() if bench else ""
     described = comments(inspect.getsource(gpt.Config)) | comments(source)
     names = [f.name for f in fields(gpt.Config)] + (["steps", "json", "text_mb"] if bench else [])
-    assert len(re.findall(r"^  --\w+=", r.stdout, flags=re.M)) == len(names)
+    assert len(re.findall(r"^  --\w+=", out, flags=re.M)) == len(names)
     for name in names:
         default = getattr(defaults or gpt.Config(), name, None)
         shown = f"{default:g}" if type(default) is float else default
         shown = repr(shown) if shown == "" or not str(shown).isprintable() else shown
-        assert re.search(rf"^  --{name}={re.escape(str(shown))} +{re.escape(described[name])}$", r.stdout, re.M), name
+        assert re.search(rf"^  --{name}={re.escape(str(shown))} +{re.escape(described[name])}$", out, re.M), name
     if script == "bigram.py":  # its own defaults, not gpt.py's
-        assert "--block_size=8 " in r.stdout and "--learning_rate=0.01 " in r.stdout
+        assert "--block_size=8 " in out and "--learning_rate=0.01 " in out
 
 
 # ---- auto picks the faster dtype on this CPU ------------------------------------------------------------------------

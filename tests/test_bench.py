@@ -3,6 +3,7 @@ input gets one line and exit status 1."""
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ def load_bench():
     """bench.py as a module, found by its path (it is a script beside gpt.py, not an installed module)."""
     spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # as an imported module is: inspect reads its source (--help) through it
     spec.loader.exec_module(module)
     return module
 

@@ -288,15 +288,15 @@ def runs(tmp_path_factory, corpus):
         "torchrun_sig": Run(root / "torchrun_sig", long_run, world_size=2),
         # an evaluation of 10^6 batches: Ctrl-C in a terminal sends SIGINT to every process
         "eval_sig": Run(root / "eval_sig", [*long_run, "--eval_iters=1000000"], world_size=2),
-        "compiled": Run(root / "compiled", [*short, "--compile=true"], world_size=2, prelude=COUNT_GRAPHS),
-        "nan": Run(root / "nan", short, world_size=2, prelude=NAN_ON_RANK_1),
+        # compiled, and rank 1's loss NaN at step 2: the graphs of the trial and of step 0's evaluation, then a stop
+        "compiled_nan": Run(root / "compiled_nan", [*short, "--compile=true"], 2, prelude=COUNT_GRAPHS + NAN_ON_RANK_1),
         "nothing_to_resume": Run(root / "nothing_to_resume", [*short, "--resume"], world_size=2),  # under torchrun
     }
     deadline = time.monotonic() + TIMEOUT
     launchers = {name: runs[name].torchrun() for name in ("a", "torchrun_sig", "nothing_to_resume")}
     forker = Forker(root)
     try:
-        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig", "compiled", "nan")]
+        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig", "compiled_nan")]
         pids = forker.start(first, deadline)
         interrupt_when_training(runs["sig"], lambda: os.kill(pids["sig/1"], signal.SIGTERM), deadline)
         ctrl_c = lambda: [os.kill(pids[f"eval_sig/{rank}"], signal.SIGINT) for rank in range(2)]
@@ -528,7 +528,7 @@ def test_under_torchrun_the_model_is_compiled_inside_ddp(runs):
     """DDP first, torch.compile after, and the compile trial before step 0 run through both: every graph is compiled
     while DDP's forward runs, where Dynamo cuts it at the gradient buckets. (When the trial compiled the model before
     DDP wrapped it, no graph was compiled inside DDP, and the gradients were all-reduced after the whole backward.)"""
-    run = finished(runs["compiled"])
+    run = runs["compiled_nan"]
     assert "| compile on |" in run.stdout()
     for rank in range(2):
         graphs = json.loads(next(line for line in run.stdout(rank).splitlines() if line.startswith("graphs "))[7:])
@@ -538,7 +538,7 @@ def test_under_torchrun_the_model_is_compiled_inside_ddp(runs):
 def test_a_loss_gone_nan_in_one_process_stops_all_of_them_with_one_error(runs):
     """Before, the process that saw it stopped while the other entered the evaluation's all-reduce, and died there
     (gloo) or hung (NCCL). Now all agree on the first bad step before the evaluation, and rank 0 alone says so."""
-    run = runs["nan"]
+    run = runs["compiled_nan"]
     assert run.returncodes == [1, 1], run.stdout() + run.stderr(0) + run.stderr(1)
     errors = [line for rank in range(2) for line in run.stderr(rank).splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: the loss was not finite at step 2: training stopped.")

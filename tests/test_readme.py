@@ -44,7 +44,7 @@ def test_the_build_up_table_is_notebook_03s():
     import nbformat
 
     nb = nbformat.reads((ROOT / "notebooks" / "03_building_the_transformer.ipynb").read_text(), as_version=4)
-    shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs if "data" in o]
+    shown = [o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     notebook = markdown_table(next(t for t in shown if t.startswith("| step | lecture |")), "| step | lecture |")
     readme = markdown_table(README, "| step | lecture | notebook 03 |")
     assert readme.keys() == notebook.keys() and len(readme) >= 7
