@@ -8,7 +8,7 @@
 It takes gpt.py's hyperparameters by the same names (--name=value), plus three of its own: --steps=N, the number of
 timed training steps (default: 50 on CUDA, 5 elsewhere, after a few untimed warm-up steps); --json=PATH, to write
 the figures as one JSON object; and --text_mb=SIZES, which measures instead a 1-step run of a tiny model on tiny
-Shakespeare (or --data) repeated to each size in MB. The run is built by gpt.Run, as `python gpt.py` builds it
+Shakespeare (or --data) repeated to each size in MB. The run is built by gpt.Run and gpt.build, as `python gpt.py` does
 (precision, fused optimizer, torch.compile, tried once at setup). Its weights are random, which does not change the
 speed; its vocabulary is that of the training text, since sampling needs one. Sampling writes --max_new_tokens
 characters (500) after --prompt (a newline), with the KV cache and without.
