@@ -850,11 +850,10 @@ def seconds_per_batch(model, cfg, run, autocast, train=True):
     """Seconds of a micro-batch's forward and backward pass (train=False: of an evaluation batch's forward), the least
     of three after one that warms up and compiles (on a CPU a large model's first passes are slow while its memory
     settles). Training's random numbers are untouched (the batch generator put back, fork_rng), no gradient is left."""
-    state = run.batches.get_state()
+    state, seconds = run.batches.get_state(), []
     x, y = get_batch(run.splits["train"], cfg, run)
     run.batches.set_state(state)
     model.train(train)
-    seconds = []
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             for _ in range(4):
