@@ -443,8 +443,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _converter(kind):
-    """argparse's converter for a field of this type; bool takes 1/0, true/false, yes/no, on/off, and a field
-    that may be unset (int | None) also takes the word none."""
+    """argparse's converter for a field of this type: bool takes 1/0, true/false, yes/no, on/off; X | None also none."""
     base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
     words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -504,9 +503,8 @@ def starting_point(overrides, defaults=None):
 
 def check_config(cfg):
     """Refuse settings that cannot work, before anything is read or written."""
-    at_least = {1: "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters", 0: ""}
-    at_least[1] += " gradient_accumulation_steps max_new_tokens num_samples"
-    at_least[0] += "warmup_iters weight_decay grad_clip eval_sample"
+    ones = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters gradient_accumulation_steps"
+    at_least = {1: f"{ones} max_new_tokens num_samples", 0: "warmup_iters weight_decay grad_clip eval_sample"}
     for least, names in at_least.items():
         for name in names.split():
             if getattr(cfg, name) < least:
@@ -566,16 +564,11 @@ def settings(overrides, defaults=None, world_size=1):
 
 def say_what_changed(ckpt, cfg, overrides, world_size):
     """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
-    said = [
-        f"{k} {getattr(cfg, k)} (was {v})"
-        for k, v in ckpt["config"].items()
-        if k in overrides and k not in ("device", "resume", "out_dir") and getattr(cfg, k) != v
-    ]
+    given = {k: getattr(cfg, k) for k in overrides.keys() - {"device", "resume", "out_dir"}}  # now, on the command line
+    said = [f"{k} {given[k]} (was {v})" for k, v in ckpt["config"].items() if k in given and given[k] != v]
     if ckpt.get("world_size", world_size) != world_size:
-        sequences = world_size * cfg.batch_size * cfg.gradient_accumulation_steps
-        said.append(
-            f"{world_size} process(es) (was {ckpt['world_size']}): {sequences} sequences a step, same learning rate"
-        )
+        sequences = f"{world_size * cfg.batch_size * cfg.gradient_accumulation_steps} sequences a step"
+        said.append(f"{world_size} process(es) (was {ckpt['world_size']}): {sequences}, same learning rate")
     if said:
         print(f"note: resuming with settings of its own: {', '.join(said)}")
 
@@ -829,8 +822,7 @@ def precision(cfg, device, seconds_per_step, world_size=1):
 
 
 def cpu_dtype(seconds_per_step):
-    """bfloat16 where this CPU has the instructions for it and a training step of this model takes less time in it
-    than in float32 (that depends on the model's size too), else float32; and why, for the header line."""
+    """precision's choice on a CPU (the gain depends on the model's size too), and why, for the header line."""
     if not cpu_has_bfloat16():
         return torch.float32, " (this CPU has no bfloat16 instructions)"
     float32, bfloat16 = seconds_per_step(torch.float32), seconds_per_step(torch.bfloat16)
@@ -840,8 +832,7 @@ def cpu_dtype(seconds_per_step):
 
 
 def cpu_has_bfloat16():
-    """Whether this CPU multiplies bfloat16 matrices in hardware (x86's AVX512-BF16 or AMX, read off the CPU).
-    Elsewhere bfloat16 is emulated, and several times slower than float32."""
+    """Whether this CPU multiplies bfloat16 in hardware (x86's AVX512-BF16 or AMX); elsewhere it is emulated, slow."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -856,15 +847,13 @@ def synchronize(device):
 
 
 def seconds_per_batch(model, cfg, run, autocast, train=True):
-    """Seconds of a training step's forward and backward pass on one micro-batch (train=False: of an evaluation batch):
-    the least of three, after one that warms up and compiles (on a CPU the first few passes of a large model are slow,
-    as its memory settles). The batch generator is put back and fork_rng restores what dropout drew: training's random
-    numbers are untouched, and no gradient is left."""
-    state = run.batches.get_state()
+    """Seconds of a micro-batch's forward and backward pass (train=False: of an evaluation batch's forward), the least
+    of three after one that warms up and compiles (on a CPU a large model's first passes are slow while its memory
+    settles). Training's random numbers are untouched (the batch generator put back, fork_rng), no gradient is left."""
+    state, seconds = run.batches.get_state(), []
     x, y = get_batch(run.splits["train"], cfg, run)
     run.batches.set_state(state)
     model.train(train)
-    seconds = []
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             for _ in range(4):
@@ -897,15 +886,18 @@ def compile_model(model, cfg, run):
         if any(isinstance(x, torch.OutOfMemoryError) for x in (e, e.__cause__, getattr(e, "inner_exception", None))):
             raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
         failed = f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0][:120]}"
-    if in_any_process(failed is not None, run.device):
-        run.log(f"warning: torch.compile failed ({failed or 'in another process'}); training without it")
+    if dist.is_initialized():  # one verdict for all processes, so that none goes on alone
+        anywhere = torch.tensor(float(failed is not None), device=run.device)
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+        failed = failed or ("in another process" if anywhere.item() else None)
+    if failed is not None:
+        run.log(f"warning: torch.compile failed ({failed}); training without it")
         return model, None
     return compiled, seconds
 
 
 def setup_distributed(device_name):
-    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group, one GPU per
-    process: NCCL between GPUs, gloo between CPU processes. A plain `python gpt.py` is rank 0 of 1."""
+    """Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) join the process group, one GPU each; else rank 0 of 1."""
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return device, 0, 1
@@ -936,15 +928,6 @@ def from_rank_0(load, world_size):
     if isinstance(box[0], UserError):
         raise box[0]
     return box[0]
-
-
-def in_any_process(flag, device):
-    """Whether flag is true in this process or in any other: one verdict for all, so that none goes on alone."""
-    if not dist.is_initialized():
-        return bool(flag)
-    flags = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags.item())
 
 
 def leave_process_group(stop=None):
