@@ -1003,7 +1003,7 @@ class Run(Machine):
         self.tokens_per_iter, self.flops_per_gpu = throughput(model, cfg, self.world_size)
         self.peak = peak_flops(device, self.dtype) if self.flops_per_gpu else None
         self.first_bad = torch.tensor(NONE, device=device)  # the first step whose loss was not finite
-        self.losses, self.ms_per_iter, self.eval_s, self.text = None, None, 0.0, None
+        self.losses, self.ms_per_iter, self.text = None, None, None
         if self.files:  # a run, not bench.py's measurement: the header, and a note if it will take long
             self.announce(why, step_s)
         self.t_last, self.step_last = time.time(), self.start_step
@@ -1022,15 +1022,12 @@ class Run(Machine):
         if self.master and self.start_step == 0:
             step_s = step_s or seconds_per_batch(self.raw_model, cfg, self, self.autocast)
             eval_s = seconds_per_batch(self.model, cfg, self, self.autocast, train=False)  # no gradients: DDP waits not
-            projected = cfg.gradient_accumulation_steps * (
-                cfg.max_iters * step_s + 2 * cfg.eval_iters * count_evaluations(cfg) * eval_s
-            )
+            evaluations = 2 * cfg.eval_iters * count_evaluations(cfg) * eval_s
+            projected = cfg.gradient_accumulation_steps * (cfg.max_iters * step_s + evaluations)
             if projected > 1800:
                 recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
-                self.log(
-                    f"note: this run will take about {format_duration(projected)} on {self.device}; {recipe}",
-                    flush=True,
-                )
+                note = f"note: this run will take about {format_duration(projected)} on {self.device}; {recipe}"
+                self.log(note, flush=True)
 
     def check_text_and_prompt(self):
         """Refuse a text too short for a window of validation, or a prompt with characters the model does not know,
@@ -1043,14 +1040,12 @@ class Run(Machine):
             raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
         if "prompt" in self.overrides:
             encode_prompt(tokenizer, cfg.prompt)
-        known = set(cfg.prompt) <= tokenizer.stoi.keys()
-        return cfg.prompt if known else tokenizer.chars[int(splits["train"][0])]
+        return cfg.prompt if set(cfg.prompt) <= tokenizer.stoi.keys() else tokenizer.chars[int(splits["train"][0])]
 
     def restore(self, ckpt):
         """Go on from a checkpoint: its weights, AdamW's moments, the loss scale, the random states and the step."""
         load_weights(self.raw_model, ckpt, f"the checkpoint in {self.cfg.out_dir}/")
-        # AdamW's state, into this run's optimizer: its settings (weight decay, betas, fused on CUDA), not the ones
-        # saved with the state, which load_state_dict would otherwise put back
+        # AdamW's moments only: load_state_dict would otherwise put back the saved settings (weight decay, betas, fused)
         this_run = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": this_run})
         if ckpt.get("scaler") and self.scaler.is_enabled():
@@ -1060,10 +1055,8 @@ class Run(Machine):
             self.batches.set_state(rng["batches"])
         else:  # each kind of device has a generator of its own kind
             self.batches.manual_seed(self.cfg.seed + ckpt["step"])
-            saved = f"the checkpoint was saved on {rng.get('device', 'another device')} and resumes on {here}"
-            self.log(
-                f"warning: {saved}: the batches are drawn afresh and will not replay exactly those of an unbroken run"
-            )
+            saved = f"warning: the checkpoint was saved on {rng.get('device', 'another device')} and resumes on {here}"
+            self.log(f"{saved}: the batches are drawn afresh and will not replay exactly those of an unbroken run")
         torch.set_rng_state(rng["torch"])
         if here == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -1095,9 +1088,8 @@ class Run(Machine):
         save_checkpoint(self.out_dir / name, state)
 
     def evaluate(self, step, estimate):
-        """estimate() (estimate_loss) on this machine: the clock of the training steps stopped, a loss gone NaN in any
-        process stopping all, the line of text written first, Ctrl-C giving either up within a batch, the means averaged
-        over the processes. Returns them as floats, or None where a Ctrl-C (in any process) cut them short."""
+        """estimate() (estimate_loss) with the steps' clock stopped, a NaN in any process stopping all, the line of text
+        first, Ctrl-C giving either up within a batch: the means over all processes, or None where a Ctrl-C cut them."""
         synchronize(self.device)  # so that the clock measures the steps, not just their launch
         if step > self.step_last:
             self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
@@ -1123,13 +1115,13 @@ class Run(Machine):
         """The progress line, the line of text under it, a row of metrics.jsonl; ckpt.pt if val is the best yet.
         Then the clock of the training steps goes on: ms/it leaves out the evaluation and the save."""
         cfg, ms = self.cfg, self.ms_per_iter
-        self.losses, self.eval_s = losses, time.time() - self.t_eval
+        self.losses, eval_s = losses, time.time() - self.t_eval
         line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
         if ms:
             line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
             line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
             left = cfg.max_iters - step
-            line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * self.eval_s)}"
+            line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * eval_s)}"
         self.log(line, flush=True)
         if self.text is not None:  # as a JSON string: newlines show as \n, and it stays on one line
             self.log(f"  {json.dumps(self.text, ensure_ascii=False)}", flush=True)
@@ -1263,13 +1255,8 @@ def stop_group():
 # A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32, plain float32), for MFU; by the
 # card's name as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100.
 PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67), "H100 PCIE": (756, 378, 51)}
-PEAK_TFLOPS |= {"H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60), "A100": (312, 156, 19.5)}
-PEAK_TFLOPS |= {
-    "A100 PCIE": (312, 156, 19.5),
-    "L40S": (362, 183, 91.6),
-    "L40": (181, 90.5, 90.5),
-    "L4": (121, 60, 30.3),
-}
+PEAK_TFLOPS |= {"H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60), "A100 PCIE": (312, 156, 19.5)}
+PEAK_TFLOPS |= {"A100": (312, 156, 19.5), "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3)}
 PEAK_TFLOPS |= {"A10": (125, 62.5, 31.2), "RTX 4090": (165, 83, 82.6), "RTX 3090": (71, 36, 35.6)}
 PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65, 8.1, 8.1)}  # no TF32 before A100
 
@@ -1342,11 +1329,10 @@ class KVCache:
 def sample_line(run):
     """A line of the model's own writing at each evaluation: eval_sample characters after the prompt, from a generator
     of its own seeded alike every time, so that training's random numbers are left alone."""
-    generator = torch.Generator().manual_seed(run.cfg.seed)  # on the CPU, where sample_next draws
+    cfg, generator = run.cfg, torch.Generator().manual_seed(run.cfg.seed)  # on the CPU, where sample_next draws
     idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
-    cfg, model = run.cfg, run.raw_model
-    written = [int(i) for i in stream(model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator)]
-    return run.prompt + run.tokenizer.decode(written)
+    written = stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator)
+    return run.prompt + run.tokenizer.decode([int(i) for i in written])
 
 
 def encode_prompt(tokenizer, prompt):
@@ -1361,8 +1347,7 @@ def sample(overrides, defaults=None, make_model=None):
     """--sample: num_samples texts from out_dir/ckpt.pt, each starting with the prompt."""
     cfg, ckpt, _ = settings(overrides, defaults)
     tokenizer, device = CharTokenizer(ckpt["vocab"]), resolve_device(cfg.device)
-    model = load_weights((make_model or GPT)(tokenizer.vocab_size, cfg), ckpt, Path(cfg.out_dir) / "ckpt.pt")
-    model.to(device)
+    model = load_weights((make_model or GPT)(tokenizer.vocab_size, cfg), ckpt, Path(cfg.out_dir) / "ckpt.pt").to(device)
     torch.manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         print("---" if i else "", end="\n" if i else "")
