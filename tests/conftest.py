@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,18 @@ def snapshot(folder):
     for p in sorted(folder.rglob("*")):
         found[str(p.relative_to(folder))] = (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "folder"
     return found
+
+
+def interrupt_during_step(monkeypatch, call):
+    """This process gets SIGINT during its call-th optimizer step, as from Ctrl-C: the run saves last.pt after it."""
+    import gpt
+
+    calls, train_step = [], gpt.train_step
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(*args)
+
+    monkeypatch.setattr(gpt, "train_step", interrupted_step)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, built, trained_once
+from conftest import TINY, built, interrupt_during_step, trained_once
 
 import gpt
 
@@ -33,19 +33,6 @@ def same_weights(a, b):
     ckpt_a, ckpt_b = (gpt.load_checkpoint(Path(d) / "ckpt.pt") for d in (a, b))
     assert ckpt_a["model"].keys() == ckpt_b["model"].keys()
     return all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
-
-
-def interrupt_during_step(monkeypatch, call):
-    """This process gets SIGINT during its call-th optimizer step, as from Ctrl-C: the run saves last.pt after it."""
-    calls, train_step = [], gpt.train_step
-
-    def interrupted_step(*args):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return train_step(*args)
-
-    monkeypatch.setattr(gpt, "train_step", interrupted_step)
 
 
 # ---- figures you can trust ------------------------------------------------------------------------------------

@@ -3,12 +3,10 @@ own settings, out of memory inside the compiler is named as such, errors say wha
 counted for MFU are those of matrix products. (Several processes: tests/test_distributed.py.)"""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, interrupt_during_step
 
 import gpt
 
@@ -19,19 +17,6 @@ def fused_on_the_cpu(monkeypatch):
     """make_optimizer as on a CUDA card, where AdamW is fused (PyTorch fuses it on the CPU too)."""
     make_optimizer = gpt.make_optimizer
     monkeypatch.setattr(gpt, "make_optimizer", lambda model, cfg, device_type: make_optimizer(model, cfg, "cuda"))
-
-
-def stop_at_step(monkeypatch, step):
-    """Ctrl-C during the step-th optimizer step (counted from 1): the run saves last.pt after it."""
-    calls, train_step = [], gpt.train_step
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return train_step(*args)
-
-    monkeypatch.setattr(gpt, "train_step", interrupted)
 
 
 def optimizer_of_each_step(monkeypatch):
@@ -52,7 +37,7 @@ def test_a_checkpoint_of_plain_adamw_resumes_into_fused_adamw_in_float16(corpus,
     state comes from the checkpoint; the optimizer is the one this run builds."""
     args = [*TINY, f"--data={corpus}", "--dtype=float16", "--max_iters=12", f"--out_dir={tmp_path}"]
     with monkeypatch.context() as m:
-        stop_at_step(m, 6)
+        interrupt_during_step(m, 6)
         assert gpt.main(args) == 130
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
     assert not saved["param_groups"][0]["fused"]
@@ -66,7 +51,7 @@ def test_a_checkpoint_of_plain_adamw_resumes_into_fused_adamw_in_float16(corpus,
 def test_a_resume_steps_with_the_settings_it_is_given_and_says_so(corpus, tmp_path, monkeypatch, capsys):
     args = [*TINY, f"--data={corpus}", "--max_iters=12", f"--out_dir={tmp_path}"]
     with monkeypatch.context() as m:
-        stop_at_step(m, 6)
+        interrupt_during_step(m, 6)
         assert gpt.main(args) == 130
     state = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["state"]
     seen = optimizer_of_each_step(monkeypatch)
@@ -84,7 +69,7 @@ def test_a_resume_steps_with_the_settings_it_is_given_and_says_so(corpus, tmp_pa
 def test_a_resume_with_nothing_changed_says_nothing(corpus, tmp_path, monkeypatch, capsys):
     args = [*TINY, f"--data={corpus}", "--max_iters=12", f"--out_dir={tmp_path}"]
     with monkeypatch.context() as m:
-        stop_at_step(m, 6)
+        interrupt_during_step(m, 6)
         assert gpt.main(args) == 130
     capsys.readouterr()
     assert gpt.main([*args, "--resume"]) == 0
@@ -96,7 +81,7 @@ def test_a_resume_with_another_number_of_processes_says_what_that_does_to_the_ba
 ):
     args = [*TINY, f"--data={corpus}", "--max_iters=12", f"--out_dir={tmp_path}"]
     with monkeypatch.context() as m:
-        stop_at_step(m, 6)
+        interrupt_during_step(m, 6)
         assert gpt.main(args) == 130
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 1
