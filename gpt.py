@@ -952,9 +952,8 @@ class Run(Machine):
     calls: `raw_model` (whose weights are saved) in DDP and compiled. ms/it and tok/s time the training steps alone."""
 
     def __init__(self, overrides, defaults=None, files=True):
-        start = replace(starting_point(overrides, defaults), **overrides)
-        check_config(start)  # before a process group is joined
-        self.device, self.rank, self.world_size = setup_distributed(start.device)
+        device = overrides.get("device", starting_point(overrides, defaults).device)  # never a checkpoint's
+        self.device, self.rank, self.world_size = setup_distributed(device)
         self.cfg, self.ckpt, self.init = settings(overrides, defaults, self.world_size)
         self.master, self.files, self.overrides = self.rank == 0, files, overrides  # rank 0 alone prints and writes
         self.out_dir, self.lock, self.stop = Path(self.cfg.out_dir), None, None
