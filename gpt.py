@@ -912,8 +912,7 @@ def setup_distributed(device_name):
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return device, 0, 1
-    needed = ["WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
-    needed += ["LOCAL_RANK", "LOCAL_WORLD_SIZE"] if device.type == "cuda" else []  # each process's GPU
+    needed = ["LOCAL_RANK", "LOCAL_WORLD_SIZE"] if device.type == "cuda" else []  # each process's GPU, and how many
     missing = [name for name in needed if name not in os.environ]
     if missing:
         launcher = "start the processes with torchrun, which sets them all"

@@ -99,7 +99,7 @@ def test_main_says_it_once_under_torchrun(error, status, said, monkeypatch, caps
 
 def test_a_launcher_that_sets_rank_but_not_the_local_variables_gets_one_line(monkeypatch, capsys):
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a GPU per process
-    needs the local ones."""
+    needs the local ones, which name its GPU and count the processes on this machine."""
     monkeypatch.setattr(gpt, "resolve_device", lambda name: torch.device("cuda"))
     for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
