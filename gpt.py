@@ -912,7 +912,7 @@ def setup_distributed(device_name):
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return device, 0, 1
-    needed = ["LOCAL_RANK", "LOCAL_WORLD_SIZE"] if device.type == "cuda" else []  # each process's GPU, and how many
+    needed = ["LOCAL_RANK", "LOCAL_WORLD_SIZE"] if device.type == "cuda" else []  # which GPU, of how many
     missing = [name for name in needed if name not in os.environ]
     if missing:
         launcher = "start the processes with torchrun, which sets them all"
@@ -975,7 +975,8 @@ def out_of_memory(cfg, began=True):
     """What to do when the device runs out of memory, in the user's terms; began=False: before the model was fitted to
     the machine (Run.prepare), where the text, all of it, and the model were put on the device."""
     if not began:
-        text = f"the text ({cfg.data or DEFAULT_DATA}) is put on the device whole, and with the model it does not fit"
+        whole = "is put on the device whole, and with the model it does not fit"
+        text = f"the text ({cfg.data or DEFAULT_DATA}) {whole}"
         advice = "train on a shorter text, or on a device with more memory"
         return f"out of memory on the device before training began: {text}; {advice}"
     keep = f"lower --batch_size ({cfg.batch_size}) and raise --gradient_accumulation_steps by the same factor"
