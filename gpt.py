@@ -192,7 +192,7 @@ class CausalSelfAttention(nn.Module):
             # single new character after a cache (the only other case: a cache is fed one character or a whole window)
             # may look at all of it
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == Tk)
         else:  # the formula, spelled out as in the lecture
             wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B,nh,T,Tk) affinities, kept at unit variance
             tril = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)  # each sees itself and the past
@@ -878,14 +878,18 @@ def compile_model(model, cfg, run):
     gradient buckets end, so that their all-reduce overlaps the backward."""
     if not (cfg.compile if cfg.compile is not None else run.device.type == "cuda" and sys.platform == "linux"):
         return model, None
-    compiled, failed, seconds = torch.compile(model), None, None  # the model's Python becomes fused kernels
+    compiled, failed, seconds = None, None, None
     try:  # no_sync: no gradient travels in the trial, so a process that fails in it leaves no other one waiting
+        compiled = torch.compile(model)  # the model's Python becomes fused kernels; raises on a Python too new
         with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext():
             seconds = seconds_per_batch(compiled, cfg, run, run.autocast)
     except Exception as e:
-        if any(isinstance(x, torch.OutOfMemoryError) for x in (e, e.__cause__, getattr(e, "inner_exception", None))):
+        inner = getattr(e, "inner_exception", None)  # what failed inside the compiler, where Dynamo wraps it
+        if any(isinstance(x, torch.OutOfMemoryError) for x in (e, e.__cause__, inner)):
             raise torch.OutOfMemoryError(str(e)) from None  # not compiling's fault: main() gives the advice
-        failed = f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0][:120]}"
+        if compiled is not None and not compiler_failure(e):
+            raise  # a CUDA or NCCL error, say: training without compiling would meet it too
+        failed = f"{type(inner or e).__name__}: {str(inner or e).strip().partition(chr(10))[0][:120]}"
     if dist.is_initialized():  # one verdict for all processes, so that none goes on alone
         anywhere = torch.tensor(float(failed is not None), device=run.device)
         dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
@@ -896,11 +900,23 @@ def compile_model(model, cfg, run):
     return compiled, seconds
 
 
+def compiler_failure(e):
+    """Whether e is torch.compile's own failure (no C compiler, no Triton, a model it cannot trace): Dynamo raises
+    its errors, or wraps the compiler's; Inductor's and Triton's own may come from a backward pass compiled late."""
+    mine = type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "triton"))
+    return mine or isinstance(e, torch._dynamo.exc.TorchDynamoException)
+
+
 def setup_distributed(device_name):
     """Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) join the process group, one GPU each; else rank 0 of 1."""
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return device, 0, 1
+    needed = ["LOCAL_RANK", "LOCAL_WORLD_SIZE"] if device.type == "cuda" else []  # which GPU, of how many
+    missing = [name for name in needed if name not in os.environ]
+    if missing:
+        launcher = "start the processes with torchrun, which sets them all"
+        raise UserError(f"RANK is set, as torchrun sets it, but not {', '.join(missing)}: {launcher}")
     if device.type == "cuda" and int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
         gpus = f"this machine has {torch.cuda.device_count()} CUDA GPU(s); give torchrun --nproc_per_node at most that"
         raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but {gpus}")
@@ -930,6 +946,23 @@ def from_rank_0(load, world_size):
     return box[0]
 
 
+@contextlib.contextmanager
+def all_or_none(world_size):
+    """Around what rank 0 alone does (lock out_dir, write a file): a UserError raised within by any process is raised by
+    all of them at its end, so that none is left waiting in a collective for one that has stopped."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = e
+    if world_size > 1:
+        errors = [None] * world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def leave_process_group(stop=None):
     if dist.is_initialized():  # under torchrun, even with one process
         if stop is not None and stop.pending is not None:
@@ -938,8 +971,14 @@ def leave_process_group(stop=None):
         dist.destroy_process_group()
 
 
-def out_of_memory(cfg):
-    """What to do when the device runs out of memory, in the user's terms."""
+def out_of_memory(cfg, began=True):
+    """What to do when the device runs out of memory, in the user's terms; began=False: before the model was fitted to
+    the machine (Run.prepare), where the text, all of it, and the model were put on the device."""
+    if not began:
+        whole = "is put on the device whole, and with the model it does not fit"
+        text = f"the text ({cfg.data or DEFAULT_DATA}) {whole}"
+        advice = "train on a shorter text, or on a device with more memory"
+        return f"out of memory on the device before training began: {text}; {advice}"
     keep = f"lower --batch_size ({cfg.batch_size}) and raise --gradient_accumulation_steps by the same factor"
     smaller = f"lower --block_size ({cfg.block_size}) or --n_embd ({cfg.n_embd})"
     return f"out of memory on the device: {keep} to keep the effective batch, or {smaller}; the checkpoints are kept"
@@ -961,8 +1000,9 @@ class Run(Machine):
         self.t_start = time.time() - (self.ckpt["elapsed_s"] if self.ckpt else 0.0)  # with the runs it continues
         if self.ckpt and self.master:
             say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
-        if self.master and files and self.out_dir.is_dir():  # in use? say so now, not after minutes of compiling
-            self.lock = lock_out_dir(self.out_dir)
+        with all_or_none(self.world_size):  # in use? say so now, in every process, not after compiling
+            if self.master and files and self.out_dir.is_dir():
+                self.lock = lock_out_dir(self.out_dir)
 
     def __enter__(self):
         return self
@@ -974,8 +1014,8 @@ class Run(Machine):
         if self.lock:
             (self.out_dir / "train.lock").unlink(missing_ok=True)
             self.lock.close()  # the lock goes with it
-        if isinstance(error, torch.OutOfMemoryError):
-            raise UserError(out_of_memory(self.cfg)) from None
+        if isinstance(error, torch.OutOfMemoryError):  # before prepare has the splits: the text or the model's
+            raise UserError(out_of_memory(self.cfg, began=getattr(self, "splits", None) is not None)) from None
 
     def prepare(self, model, optimizer, tokenizer, splits):
         """The model as training calls it, fitted to this machine: a checkpoint's weights and state, the precision, the
@@ -996,8 +1036,9 @@ class Run(Machine):
         self.model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model  # averages gradients
         self.model, step_s = compile_model(self.model, cfg, self)  # step_s: a step's seconds, where it compiled
         self.compiled = step_s is not None
-        if master and self.files:
-            self.lock = prepare_out_dir(self.out_dir, self.ckpt["step"] if self.ckpt else None, self.lock)
+        with all_or_none(self.world_size):
+            if master and self.files:
+                self.lock = prepare_out_dir(self.out_dir, self.ckpt["step"] if self.ckpt else None, self.lock)
         self.stop = StopRequest(self.world_size, quiet=not master)  # Ctrl-C or SIGTERM: stop after a step, and save
         self.tokens_per_iter, self.flops_per_gpu = throughput(model, cfg, self.world_size)
         self.peak = peak_flops(device, self.dtype) if self.flops_per_gpu else None
@@ -1064,7 +1105,9 @@ class Run(Machine):
 
     @contextlib.contextmanager
     def forward(self, last=True):
-        """Autocast to the training dtype; under DDP, the gradients are averaged only after the last micro-batch."""
+        """Autocast to the training dtype; under DDP, the gradients are averaged only after the last micro-batch. An
+        evaluation that a Ctrl-C asked to give up stops here, before its next batch."""
+        self.stop.check()
         with self.autocast, self.model.no_sync() if not last and self.world_size > 1 else contextlib.nullcontext():
             yield
 
@@ -1127,16 +1170,17 @@ class Run(Machine):
         row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
         row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - self.t_start, 2))
         row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
-        try:
-            if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
-                with open(self.out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            kept = "the checkpoints beside it are kept"
-            raise UserError(f"could not write {self.out_dir / 'metrics.jsonl'} ({e.strerror or e}); {kept}") from None
-        if losses["val"] < self.best_val:
-            self.best_val = losses["val"]
-            self.save("ckpt.pt", step)
+        with all_or_none(self.world_size):
+            try:
+                if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
+                    with open(self.out_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                kept = f"({e.strerror or e}); the checkpoints beside it are kept"
+                raise UserError(f"could not write {self.out_dir / 'metrics.jsonl'} {kept}") from None
+            if losses["val"] < self.best_val:
+                self.best_val = losses["val"]
+                self.save("ckpt.pt", step)
         self.t_last, self.step_last = time.time(), step
 
     def stop_requested(self):
@@ -1158,7 +1202,8 @@ class Run(Machine):
     def interrupted(self, step):
         """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
         self.check_finite()  # never save a model that has already blown up
-        self.save("last.pt", step)
+        with all_or_none(self.world_size):
+            self.save("last.pt", step)
         self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
         return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)  # the last: another process's, unknown
 
@@ -1188,7 +1233,8 @@ class Run(Machine):
 
 # ---- Interrupts: Ctrl-C or SIGTERM stops the run after the current step (or within an evaluation), and it saves.
 class Abandoned(Exception):
-    """Raised by the first Ctrl-C during an evaluation (StopRequest.abandons): Run.evaluate gives it up."""
+    """Raised after the first Ctrl-C during an evaluation (StopRequest.abandons), between two of its batches or two
+    characters of its line (StopRequest.check): Run.evaluate gives it up."""
 
 
 class StopRequest:
@@ -1207,19 +1253,23 @@ class StopRequest:
         if not self.quiet:  # os.write, not print: the signal may have come in the middle of a print
             ack = "stopping: last.pt is saved after this step (an evaluation is cut short); Ctrl-C again stops at once"
             os.write(2, f"\n{ack}\n".encode())
-        if self.abandon:
-            raise Abandoned
 
     @contextlib.contextmanager
     def abandons(self):
-        """Within it, the first Ctrl-C raises Abandoned at once, instead of waiting for the end of a step."""
+        """Within it, the first Ctrl-C raises Abandoned at the next check, instead of waiting for the end of a step."""
         self.abandon = True
         try:
-            if self.signum:  # it came before: give up before beginning
-                raise Abandoned
+            self.check()  # it came before: give up before beginning
             yield
         finally:
             self.abandon = False
+
+    def check(self):
+        """Raise Abandoned if a Ctrl-C came within abandons(): called where giving up is safe (before a batch, between
+        characters), never raised from the handler into whatever the signal interrupted, such as torch.compile's work,
+        which would wrap it into an error of its own."""
+        if self.abandon and self.signum:
+            raise Abandoned
 
     def requested(self):
         """The number of the signal that asked us to stop, or 0. With several processes, of one that any of them got:
@@ -1319,6 +1369,7 @@ class KVCache:
 
     def extend(self, layer, k, v):
         """layer's new keys and values (B,nh,T,hs) after those it had: (B,nh,Tk,hs)."""
+        assert layer not in self.kv or k.size(2) == 1, "a KV cache takes one new character at a time (attention's mask)"
         if layer in self.kv:
             k, v = torch.cat([self.kv[layer][0], k], dim=2), torch.cat([self.kv[layer][1], v], dim=2)
         self.kv[layer] = (k, v)
@@ -1330,8 +1381,12 @@ def sample_line(run):
     of its own seeded alike every time, so that training's random numbers are left alone."""
     cfg, generator = run.cfg, torch.Generator().manual_seed(run.cfg.seed)  # on the CPU, where sample_next draws
     idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
-    written = stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator)
-    return run.prompt + run.tokenizer.decode([int(i) for i in written])
+    new = stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator)
+    written = []
+    for idx_next in new:
+        written.append(int(idx_next))
+        run.stop.check()  # a Ctrl-C gives the line (and its evaluation) up after this character
+    return run.prompt + run.tokenizer.decode(written)
 
 
 def encode_prompt(tokenizer, prompt):
@@ -1357,6 +1412,7 @@ def sample(overrides, defaults=None, make_model=None):
 # ---- main(): every side effect starts here, so that tests, notebooks, bigram.py and bench.py import freely.
 def main(argv=None, defaults=None, make_model=None):
     """python gpt.py [--name=value ...]: train, or with --sample write text. Returns the exit status."""
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun all processes stop alike: rank 0 says why
     try:
         overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
         if overrides.get("sample"):
@@ -1364,16 +1420,19 @@ def main(argv=None, defaults=None, make_model=None):
         with Run(overrides, defaults) as run:
             return train(run.cfg, run, make_model)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: the first one says why
+        if first:
             print(f"error: {e}", file=sys.stderr)
         leave_process_group()
         return 1
     except torch.OutOfMemoryError:  # while setting up or sampling (training says it with its own settings)
-        print(f"error: {out_of_memory(replace(starting_point(overrides, defaults), **overrides))}", file=sys.stderr)
+        cfg = replace(starting_point(overrides, defaults), **overrides)
+        if first:
+            print(f"error: {out_of_memory(cfg)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one while nothing was left to save
         saved = "nothing new was saved, the checkpoints on disk are whole"
-        print(f"\ninterrupted: stopped at once; {saved}", file=sys.stderr)
+        if first:
+            print(f"\ninterrupted: stopped at once; {saved}", file=sys.stderr)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
 
 

@@ -9,6 +9,7 @@ one module fixture starts every run up front, side by side, and the tests only r
     a2            a copy of a's out_dir, resumed by 2 processes to step 9; rank 1 runs in a folder without it, as
                   on a second machine whose disk does not hold out_dir
     sig           2 processes training for long; SIGTERM to rank 1 alone, once rank 0 has printed step 0
+    locked        2 processes, whose out_dir another run holds (here pytest): rank 0 alone finds it out
     torchrun_sig  torchrun, 2 processes training for long; SIGTERM to torchrun, once step 0 is printed
 
 Runs other than torchrun's are started by one helper Python (the forker), each rank a fresh Python with the
@@ -291,12 +292,15 @@ def runs(tmp_path_factory, corpus):
         # compiled, and rank 1's loss NaN at step 2: the graphs of the trial and of step 0's evaluation, then a stop
         "compiled_nan": Run(root / "compiled_nan", [*short, "--compile=true"], 2, prelude=COUNT_GRAPHS + NAN_ON_RANK_1),
         "nothing_to_resume": Run(root / "nothing_to_resume", [*short, "--resume"], world_size=2),  # under torchrun
+        "locked": Run(root / "locked", short, world_size=2),
     }
+    runs["locked"].out_dir.mkdir()
+    holder = gpt.lock_out_dir(runs["locked"].out_dir)  # as another training run holds it: released in the end
     deadline = time.monotonic() + TIMEOUT
     launchers = {name: runs[name].torchrun() for name in ("a", "torchrun_sig", "nothing_to_resume")}
     forker = Forker(root)
     try:
-        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig", "compiled_nan")]
+        first = [runs[name] for name in ("b", "b9", "c", "sig", "eval_sig", "compiled_nan", "locked")]
         pids = forker.start(first, deadline)
         interrupt_when_training(runs["sig"], lambda: os.kill(pids["sig/1"], signal.SIGTERM), deadline)
         ctrl_c = lambda: [os.kill(pids[f"eval_sig/{rank}"], signal.SIGINT) for rank in range(2)]
@@ -328,6 +332,7 @@ def runs(tmp_path_factory, corpus):
             forker.kill()
             pytest.fail(f"the runs took more than {TIMEOUT} s; their stacks are in their stderr files")
     finally:
+        holder.close()
         forker.close()
         for launcher in launchers.values():
             if launcher.poll() is None:
@@ -553,3 +558,17 @@ def test_a_mistake_under_torchrun_is_one_error_line(runs):
     errors = [line for line in run.stderr().splitlines() if line.startswith("error:")]
     assert errors == [f"error: --resume, but there is no checkpoint in {run.out_dir}/; train without --resume first"]
     assert "destroy_process_group" not in run.stderr()  # each process left its process group before exiting
+
+
+def test_an_error_in_rank_0_alone_stops_every_process_with_one_line(runs):
+    """Only rank 0 touches out_dir (so it alone finds it in use, or not writable, or full): all processes stop there
+    and rank 0 alone says why. Before, the others went on into their next collective and died there (gloo: a
+    traceback, "Connection closed by peer") or waited until torchrun killed them (NCCL)."""
+    run = runs["locked"]
+    assert run.returncodes == [1, 1], run.stdout() + run.stderr(0) + run.stderr(1)
+    advice = "wait for it to end or stop it, or train into another --out_dir"
+    error = f"error: --out_dir={run.out_dir} is in use by another training run (process {os.getpid()}); {advice}"
+    assert [line for line in run.stderr(0).splitlines() if "error" in line.lower()] == [error]
+    assert "error" not in run.stderr(1).lower() and run.stdout(0) == run.stdout(1) == ""
+    assert "Traceback" not in run.stderr(0) + run.stderr(1)
+    assert files(run) == ["train.lock"]  # nothing written there

@@ -191,3 +191,17 @@ def test_the_same_sampler_serves_the_bigram_far_past_block_size():
             probs = torch.softmax(model.token_embedding_table.weight[by_hand[:, -1]], dim=-1)
             by_hand = torch.cat([by_hand, torch.multinomial(probs, 1)], dim=1)
     assert torch.equal(cached, by_hand)
+
+
+def test_a_cache_is_fed_one_new_character_or_a_whole_window():
+    """The fused kernel's causal mask (is_causal) lines the first query up with the first key: right for a whole
+    window fed to an empty cache, and a single new character may look at all it holds. Several new characters after
+    a cache would each see those after it (the formula's mask would be right): the cache refuses them."""
+    model = make_model(fused=True).eval()
+    idx = torch.randint(VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    cache = gpt.KVCache(BS)
+    with torch.no_grad():
+        model(idx[:, :3], cache=cache)  # a whole window, into an empty cache
+        model(idx[:, 3:4], cache=cache)  # one new character
+        with pytest.raises(AssertionError, match="^a KV cache takes one new character at a time"):
+            model(idx[:, 4:], cache=cache)

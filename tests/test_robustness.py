@@ -440,6 +440,14 @@ def test_a_signal_after_a_non_finite_loss_saves_no_broken_model(tmp_path, corpus
     assert gpt.load_checkpoint(out_dir / "ckpt.pt")["step"] in (0, 5)
 
 
+class BackendCompilerFailed(torch._dynamo.exc.TorchDynamoException):
+    """As Dynamo raises it: the compiler's own error inside, as inner_exception."""
+
+    def __init__(self, inner):
+        super().__init__(f"backend='inductor' raised:\n{type(inner).__name__}: {inner}")
+        self.inner_exception = inner
+
+
 def broken_compile(fails_in_eval_mode):
     """A stand-in for torch.compile on a machine where compiling fails (no C compiler, say): the compiled
     model raises on its first call in training mode and, if told, in evaluation mode too."""
@@ -452,7 +460,7 @@ def broken_compile(fails_in_eval_mode):
 
             def forward(self, *args, **kwargs):
                 if self.training or fails_in_eval_mode:
-                    raise RuntimeError("C compiler not found\n(a long traceback follows)")
+                    raise BackendCompilerFailed(RuntimeError("C compiler not found\n(a long traceback follows)"))
                 return self.inner(*args, **kwargs)
 
         return Broken()
