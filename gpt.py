@@ -660,7 +660,7 @@ def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
 
 
 def load_text(path=""):
-    """The whole training text as one string, for the notebooks (training reads it with read_corpus)."""
+    """The whole training text as one string, for the notebooks (python gpt.py reads it with read_corpus)."""
     chars, ids = read_corpus(path)
     return CharTokenizer(chars).decode(ids.tolist())
 
