@@ -377,7 +377,7 @@ def build(cfg, run=None, make_model=None):
     """The lecture's first steps, on run's device (left out: a plain Machine): the text read, its vocabulary built and
     the text encoded, then split; the model and its optimizer made. run.prepare then fits them to the machine."""
     run = run or Machine()
-    # the text, its vocabulary (the sorted set of its characters; a resumed model keeps its own), the text as integers
+    # the text, its vocabulary (its characters, sorted; Part 2: a resumed model keeps its own), the text as integers
     tokenizer, data = run.read_text(cfg.data)
     train_data, val_data = split_data(data.to(run.device))  # all of it on the device: no batch crosses a bus
     # the model, the same in every process, and the optimizer that trains it
