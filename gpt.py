@@ -390,10 +390,9 @@ def build(cfg, run=None, make_model=None):
 
 
 def train(cfg, run=None, make_model=None):
-    """Train a model, let it write, and return what run.finish() gives. `run` is the machine, and each of its calls
-    says what it does: left out, a plain Machine, which prints the losses, writes no file and returns the model;
-    in python gpt.py, Part 2's Run, which reports, keeps the best model in out_dir/ckpt.pt, stops on Ctrl-C and
-    returns the exit status."""
+    """Train a model, let it write, and return what run.finish() gives. `run` is the machine, each of its calls says
+    what it does: left out, a plain Machine (the losses printed, no file; it returns the model); in python gpt.py,
+    Part 2's Run, which reports, keeps the best model in out_dir/ckpt.pt, stops on Ctrl-C, returns the exit status."""
     run = run or Machine()  # a plain machine of this run's own: it keeps the model it trains
     tokenizer, splits, model, optimizer = build(cfg, run, make_model)
     for step in range(run.start_step, cfg.max_iters + 1):
