@@ -97,19 +97,65 @@ CPU_RECIPE = replace(CPU_RECIPE, eval_interval=250, out_dir="out-cpu")  # its ow
 
 
 class Machine:
-    """What the lesson's functions ask of the machine they run on, at its plainest: one process, float32, torch's own
-    random numbers (as in the lecture). Part 2's Run answers the same questions for a real machine: a GPU, mixed
-    precision, several processes, batches drawn from a generator of their own."""
+    """What the lesson's functions ask of the machine they run on, a method each, answered at its plainest: one process
+    on the CPU, float32, torch's own random numbers, the losses printed, no files, as in the lecture; Config's system
+    knobs unread. Part 2's Run answers the same for a real machine: GPUs, precision, processes, checkpoints, Ctrl-C."""
 
     rank, world_size = 0, 1  # this process, of how many (Part 2: several under torchrun)
+    device = torch.device("cpu")  # where the model and the data live (Part 2: --device, a GPU if any)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # float16's loss scaling: off
+    start_step, evaluated_step = 0, -1  # the first step, the last evaluated (Part 2: a checkpoint's)
 
     def __init__(self, batches=None):
         self.batches = batches  # the generator that batches are drawn from; None: torch's own
 
+    def read_text(self, path):
+        """The text at `path` (empty: tiny Shakespeare), read whole as in the lecture: a tokenizer of its characters,
+        and the text as integers (Part 2: a text of any size, in chunks; a trained model's own vocabulary)."""
+        if not path and not DEFAULT_DATA.exists():  # the first time: Part 2 fetches it, and checks its sha256
+            print(f"downloading tiny Shakespeare to {DEFAULT_DATA}")
+            download(DEFAULT_DATA)
+        with open(path or DEFAULT_DATA, encoding="utf-8") as f:
+            text = f.read()
+        tokenizer = CharTokenizer.from_text(text)
+        return tokenizer, torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+    def prepare(self, model, optimizer, tokenizer, splits, cfg):
+        """The model as training calls it: this one, kept (Part 2: a checkpoint's, in its precision, DDP, compiled)."""
+        self.model = model
+        self.prompt = cfg.prompt  # the sample at the end starts with it (Part 2: checked before training)
+        return model
+
     def forward(self, last=True):
         """The context a forward pass runs in (Part 2: autocast; with several processes, when gradients travel)."""
         return contextlib.nullcontext()
+
+    def evaluate(self, step, estimate):
+        """estimate()'s losses, as they are (Part 2: the means over the processes; None if a Ctrl-C cut them short)."""
+        return estimate()
+
+    def report(self, step, losses, lr):
+        """Print the losses as the lecture does (Part 2: a progress line, metrics.jsonl, ckpt.pt if val is the best)."""
+        print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+
+    def stop_requested(self):
+        """Whether to stop after this step: never, Ctrl-C stops at once (Part 2: after a Ctrl-C or SIGTERM)."""
+        return False
+
+    def interrupted(self, step):
+        """What train() returns if it stops at `step`: the model (Part 2: last.pt saved, and the exit status)."""
+        return self.model
+
+    def watch(self, step, loss):
+        """Nothing (Part 2: a step whose loss is not finite is noted, and the run stops at the next evaluation)."""
+
+    def best_model(self):
+        """The model that writes after training: the last (Part 2: the best, from ckpt.pt; None but in rank 0)."""
+        return self.model
+
+    def finish(self):
+        """What train() returns at the end: the trained model (Part 2: a line sums the run up; the exit status)."""
+        return self.model
 
 
 PLAIN = Machine()
@@ -327,13 +373,12 @@ def estimate_loss(model, splits, cfg, run=PLAIN):
     return out
 
 
-def build(cfg, run, make_model=None):
-    """The lecture's first steps, on run's device: the text read and its vocabulary built, the text encoded and split,
-    the model and its optimizer made. run.prepare (Part 2) then fits them to the machine."""
-    # the text as integers, and its vocabulary: the sorted set of its characters (a resumed model keeps its own);
-    # read_corpus (Part 2) reads a text of any size in chunks, and downloads tiny Shakespeare the first time
-    chars, data = read_corpus(cfg.data, run.vocab)
-    tokenizer = CharTokenizer(chars)
+def build(cfg, run=None, make_model=None):
+    """The lecture's first steps, on run's device (left out: a plain Machine): the text read, its vocabulary built and
+    the text encoded, then split; the model and its optimizer made. run.prepare then fits them to the machine."""
+    run = run or Machine()
+    # the text, its vocabulary (its characters, sorted; Part 2: a resumed model keeps its own), the text as integers
+    tokenizer, data = run.read_text(cfg.data)
     train_data, val_data = split_data(data.to(run.device))  # all of it on the device: no batch crosses a bus
     # the model, the same in every process, and the optimizer that trains it
     torch.manual_seed(cfg.seed)
@@ -341,35 +386,37 @@ def build(cfg, run, make_model=None):
     optimizer = make_optimizer(model, cfg, run.device.type)
     splits = {"train": train_data, "val": val_data}
     # Part 2: a checkpoint's weights and state, the precision, compiling, DDP; what training calls
-    return tokenizer, splits, run.prepare(model, optimizer, tokenizer, splits), optimizer
+    return tokenizer, splits, run.prepare(model, optimizer, tokenizer, splits, cfg), optimizer
 
 
-def train(cfg, run, make_model=None):
-    """Train a model, keep the best one in out_dir/ckpt.pt, and let it write. `run` (Part 2) is the machine: it
-    reports, saves and stops on Ctrl-C; each of its calls says what it does here."""
+def train(cfg, run=None, make_model=None):
+    """Train a model, let it write, and return what run.finish() gives. `run` is the machine, each of its calls says
+    what it does: left out, a plain Machine (the losses printed, no file; it returns the model); in python gpt.py,
+    Part 2's Run, which reports, keeps the best model in out_dir/ckpt.pt, stops on Ctrl-C, returns the exit status."""
+    run = run or Machine()  # a plain machine of this run's own: it keeps the model it trains
     tokenizer, splits, model, optimizer = build(cfg, run, make_model)
     for step in range(run.start_step, cfg.max_iters + 1):
         # the learning rate: a linear warm-up, then a cosine decay
         lr = get_lr(step, cfg)
 
-        # every eval_interval steps and at the end: estimate the losses, report them, keep the best model
+        # every eval_interval steps and at the end: estimate the losses and report them (Part 2: keep the best model)
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step > run.evaluated_step:
             losses = run.evaluate(step, lambda: estimate_loss(model, splits, cfg, run))  # averaged over processes
-            if losses is None:  # a Ctrl-C cut it short: save this step, to be evaluated when resumed
+            if losses is None:  # Part 2: a Ctrl-C cut it short; save this step, to be evaluated when resumed
                 return run.interrupted(step)
-            run.report(step, losses, lr)  # the progress line, metrics.jsonl, and ckpt.pt if val is the best yet
+            run.report(step, losses, lr)  # printed (Part 2: metrics.jsonl, ckpt.pt if val is the best yet)
         if step == cfg.max_iters:
             break
 
-        # Ctrl-C or SIGTERM (to any of the processes): save this step in last.pt and stop
+        # Part 2: Ctrl-C or SIGTERM (to any of the processes): save this step in last.pt and stop
         if run.stop_requested():
             return run.interrupted(step)
 
         # one optimizer step on random batches of the training text
         loss = train_step(model, optimizer, splits["train"], lr, cfg, run)
-        run.watch(step, loss)  # a loss that is not finite stops the run at the next evaluation
+        run.watch(step, loss)  # Part 2: a loss that is not finite stops the run at the next evaluation
 
-    # the best model (ckpt.pt, by rank 0 alone) writes, and a line sums the run up
+    # the model writes (Part 2: the best one, from ckpt.pt, by rank 0 alone), and a line sums the run up
     best = run.best_model()
     if best is not None:
         print_sample(best, tokenizer, run.prompt, cfg)
@@ -612,7 +659,7 @@ def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
 
 
 def load_text(path=""):
-    """The whole training text as one string, for the notebooks (training reads it with read_corpus)."""
+    """The whole training text as one string, for the notebooks (python gpt.py reads it with read_corpus)."""
     chars, ids = read_corpus(path)
     return CharTokenizer(chars).decode(ids.tolist())
 
@@ -1017,10 +1064,16 @@ class Run(Machine):
         if isinstance(error, torch.OutOfMemoryError):  # before prepare has the splits: the text or the model's
             raise UserError(out_of_memory(self.cfg, began=getattr(self, "splits", None) is not None)) from None
 
-    def prepare(self, model, optimizer, tokenizer, splits):
+    def read_text(self, path):
+        """read_corpus's: a text of any size, a chunk at a time, tiny Shakespeare downloaded the first time; a model
+        trained before keeps its own vocabulary."""
+        chars, data = read_corpus(path, self.vocab)
+        return CharTokenizer(chars), data
+
+    def prepare(self, model, optimizer, tokenizer, splits, cfg):
         """The model as training calls it, fitted to this machine: a checkpoint's weights and state, the precision, the
         random states, DDP, torch.compile; then out_dir, the Ctrl-C handler, the header lines, and a long run's note."""
-        cfg, device, master = self.cfg, self.device, self.master
+        device, master = self.device, self.master
         self.raw_model, self.optimizer, self.tokenizer, self.splits = model, optimizer, tokenizer, splits
         self.prompt = self.check_text_and_prompt()
         if self.init:  # fine-tuning: the weights of a trained model, and from here on a new run
