@@ -1,10 +1,10 @@
 """The baseline: a bigram model, in which the current character alone predicts the next one.
 
-The lecture's first model, ported to a script as the lecture ports it (its bigram.py): the hyperparameters, the
-model, and a run. Its only parameters are a vocab_size x vocab_size table: row i holds the logits (unnormalised
-log-probabilities) of the character that follows character i. The rest of the lecture's script (reading the text,
-get_batch, estimate_loss, the training loop, generate) is gpt.py's Part 1, which takes any model: this one trains
-and writes through it, with gpt.py's command line, checkpoints and Ctrl-C.
+The lecture's first model, from its script bigram.py. This file holds the model and its defaults (the lecture's
+settings, and what differs); gpt.py's loop trains it. Its only parameters are a vocab_size x vocab_size table: row i
+holds the logits (unnormalised log-probabilities) of the character that follows character i. The rest of the
+lecture's script (reading the text, get_batch, estimate_loss, the training loop, generate) is gpt.py's Part 1, which
+takes any model: this one trains and writes through it, with gpt.py's command line, checkpoints and Ctrl-C.
 
     python bigram.py                     train (under a minute on a CPU), then compare with counting
     python bigram.py --sample            write text with the model saved in out-bigram/ckpt.pt

@@ -587,16 +587,18 @@ def settings(overrides, defaults=None, world_size=1):
     cfg, ckpt, init = replace(starting_point(overrides, defaults), **overrides), None, None
     check_config(cfg)
     if cfg.sample:
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", no_checkpoint_advice(cfg, overrides, defaults))
     elif cfg.resume:
-        ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir), world_size)
+        advice = no_checkpoint_advice(cfg, overrides, defaults)
+        ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir, advice), world_size)
         started = ckpt["config"].get("init_from", "")  # a fine-tuning run resumes as itself, not from init_from again
         if overrides.get("init_from", started) != started:
             where = f"from --init_from={started}" if started else "from scratch"
             new_run = "leave out --resume to start a new run from it (in another --out_dir)"
             raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
     elif cfg.init_from:  # fine-tuning: the model's shape is the checkpoint's, and the command line may not say else
-        init = from_rank_0(lambda: load_checkpoint(cfg.init_from, "name the ckpt.pt of a trained run"), world_size)
+        named = "train first (python gpt.py), or name the ckpt.pt of a trained run"
+        init = from_rank_0(lambda: load_checkpoint(cfg.init_from, named), world_size)
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if overrides.get(name, init["config"][name]) != init["config"][name]:
                 keep = f"whose {name} is {init['config'][name]}; leave it out: fine-tuning keeps the model's shape"
@@ -607,6 +609,26 @@ def settings(overrides, defaults=None, world_size=1):
         cfg = replace(replace(Config(), **saved, device=cfg.device), **overrides)
         check_config(cfg)
     return cfg, ckpt, init
+
+
+def no_checkpoint_advice(cfg, overrides, defaults):
+    """What to type when out_dir holds no checkpoint to --sample or --resume from. Where gpt.py's starting
+    point chose out_dir (not the command line, not bigram.py) and the other one's folder holds one: the flag
+    that reaches it."""
+    recipe = cfg.recipe == "cpu"
+    other = Config() if recipe else CPU_RECIPE  # the defaults' out/, or the CPU recipe's out-cpu/
+    names = ["ckpt.pt"] if cfg.sample else ["last.pt", "ckpt.pt"]
+    found = any((Path(other.out_dir) / name).is_file() for name in names)
+    if found and defaults is None and "out_dir" not in overrides:
+        whose = "the default run's" if recipe else "the CPU recipe's"
+        flag = "leave out --recipe=cpu" if recipe else "add --recipe=cpu"
+        return f"{whose} is in {other.out_dir}/; {flag} to use it"
+    if not cfg.sample:
+        return "train without --resume first"
+    if defaults is not None:  # bigram.py's: its own script trains it
+        return "train first, or point --out_dir at its folder"
+    command = "python gpt.py --recipe=cpu" if recipe else "python gpt.py"
+    return f"train first ({command}), or point --out_dir at its folder"
 
 
 def say_what_changed(ckpt, cfg, overrides, world_size):
@@ -726,12 +748,12 @@ def save_checkpoint(path, state):
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is untouched") from None
 
 
-def load_checkpoint(path, hint="point --out_dir at its folder"):
+def load_checkpoint(path, advice="train first (python gpt.py), or point --out_dir at its folder"):
     """A checkpoint as a dict. weights_only=True lets torch.load build tensors and plain containers only,
     so a file crafted to run code when unpickled is refused instead of run."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train first (python gpt.py), or {hint}")
+        raise UserError(f"no checkpoint at {path}: {advice}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "config", "vocab", "step"} - set(ckpt)
@@ -743,7 +765,7 @@ def load_checkpoint(path, hint="point --out_dir at its folder"):
     return ckpt
 
 
-def newest_checkpoint(out_dir):
+def newest_checkpoint(out_dir, advice="train without --resume first"):
     """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along. A damaged
     one is skipped with a warning while the other is whole; with neither whole, the first one's error."""
     found, damaged = {}, []
@@ -755,7 +777,7 @@ def newest_checkpoint(out_dir):
     if damaged and not found:
         raise damaged[0][1]
     if not found:
-        raise UserError(f"--resume, but there is no checkpoint in {out_dir}/; train without --resume first")
+        raise UserError(f"--resume, but there is no checkpoint in {out_dir}/; {advice}")
     newest = max(found, key=lambda path: found[path]["step"])
     for path, _ in damaged:
         print(f"warning: {path} is damaged and cannot be read; resuming from {newest} instead")

@@ -1,4 +1,4 @@
-"""Any text, any size (issue 18): the text is read, counted and encoded with numpy a chunk at a time, into the
+"""Any text, any size: the text is read, counted and encoded with numpy a chunk at a time, into the
 smallest integer type that holds its vocabulary; tiny Shakespeare reads exactly as before; any UTF-8 text trains; and
 --init_from starts a new run from a trained model's weights, shape and vocabulary (fine-tuning)."""
 

@@ -1,4 +1,4 @@
-"""bench.py (issue 4, part 1): on a tiny model it prints its table and writes the same figures as JSON; bad
+"""bench.py: on a tiny model it prints its table and writes the same figures as JSON; bad
 input gets one line and exit status 1."""
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""The command line, end to end: overrides, training, sampling, resuming, and bigram.py (issue 2)."""
+"""The command line, end to end: overrides, training, sampling, resuming, and bigram.py."""
 
 import dataclasses
 import json

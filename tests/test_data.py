@@ -1,4 +1,4 @@
-"""Data: the character tokenizer, the 90/10 split and random batches (issue 2, "Data")."""
+"""Data: the character tokenizer, the 90/10 split and random batches."""
 
 import pytest
 import torch

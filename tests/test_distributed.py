@@ -1,4 +1,4 @@
-"""Data-parallel training with real processes that talk gloo over 127.0.0.1 (issue 6).
+"""Data-parallel training with real processes that talk gloo over 127.0.0.1.
 
 Starting Python and importing torch costs a few CPU-seconds per process, far more than these tiny runs. So
 one module fixture starts every run up front, side by side, and the tests only read what the runs left:

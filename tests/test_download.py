@@ -1,4 +1,4 @@
-"""The download of tiny Shakespeare, against a local HTTP server on 127.0.0.1 (issues 2 and 5).
+"""The download of tiny Shakespeare, against a local HTTP server on 127.0.0.1.
 
 Whatever the server does, the target folder afterwards holds either the whole, verified file or nothing:
 no partial input.txt and no temporary file."""

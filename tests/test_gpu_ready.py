@@ -1,4 +1,4 @@
-"""Ready for the first GPU (issue 17): figures that are true on any card and any number of processes, resume across
+"""Ready for the first GPU: figures that are true on any card and any number of processes, resume across
 devices and runs, and every precision path (bfloat16, float16 with its gradient scaler, torch.compile) run on the CPU
 before a GPU ever runs it."""
 

@@ -1,4 +1,4 @@
-"""KV-cache sampling (issue 4, part 3): while the text fits in block_size the cached path gives the uncached
+"""KV-cache sampling: while the text fits in block_size the cached path gives the uncached
 path's characters and logits; past it, every step is a plain forward pass over the window that the rebuild
 rule in KVCache's docstring names (the newest block_size // 2 characters, at positions 0..)."""
 

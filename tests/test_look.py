@@ -1,4 +1,4 @@
-"""look.py (issue 25): the page where a trained model writes and each character shows what it looked at. The text is
+"""look.py: the page where a trained model writes and each character shows what it looked at. The text is
 gpt.py --sample's; each character's context is the window its KV cache held, past block_size and its rebuilds; the
 attention and the odds stored are the model's own, checked against a plain forward pass of the spelled-out formula;
 a real headless Chromium shows them when a character is clicked; the page stays small; bad input gets one line."""

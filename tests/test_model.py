@@ -1,4 +1,4 @@
-"""The model: causality, the two attention paths, generate, and a tiny model that learns (issue 2, "Model")."""
+"""The model: causality, the two attention paths, generate, and a tiny model that learns."""
 
 import math
 from collections import Counter

@@ -1,4 +1,4 @@
-"""Robustness (issue 5): bad input is refused in one line and changes nothing; training survives a signal and
+"""Robustness: bad input is refused in one line and changes nothing; training survives a signal and
 resumes exactly; checkpoints are written atomically and loaded without running foreign code."""
 
 import errno

@@ -1,4 +1,4 @@
-"""Watch it learn (issue 19): at every evaluation a line of the model's own writing follows the progress line, from
+"""Watch it learn: at every evaluation a line of the model's own writing follows the progress line, from
 the same prompt and seed each time, from a generator of its own, kept in metrics.jsonl, and cut short by Ctrl-C."""
 
 import json

@@ -1,4 +1,4 @@
-"""Ready for the first GPU, round 2, what a CPU can show of it: a resumed run steps with this run's optimizer and its
+"""Resumed settings and GPU errors, what a CPU can show of them: a resumed run steps with this run's optimizer and its
 own settings, out of memory inside the compiler is named as such, errors say what to do in one line, and the FLOPs
 counted for MFU are those of matrix products. (Several processes: tests/test_distributed.py.)"""
 

@@ -1,4 +1,4 @@
-"""Robustness, round 2 (issue 12): Ctrl-C is answered at once and cuts an evaluation or the final sample short; a
+"""Interrupts and damaged runs: Ctrl-C is answered at once and cuts an evaluation or the final sample short; a
 damaged run file never blocks a resume; two runs cannot share an out_dir; running out of memory gets advice.
 
 The interrupts are real signals sent to real processes, the damaged files are real files on disk, and the lock is
