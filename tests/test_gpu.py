@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import time
+from dataclasses import replace
 from itertools import pairwise
 
 import pytest
@@ -117,7 +118,7 @@ def test_the_default_run_compiles_and_learns_in_auto_precision(default_run, corp
     val = gpt.split_data(ids)[1]
     batches = gpt.Machine(torch.Generator().manual_seed(0))
     with torch.no_grad():
-        losses = [model(*gpt.get_batch(val, gpt.Config(batch_size=8), batches))[1].item() for _ in range(2)]
+        losses = [model(*gpt.get_batch(val, replace(cfg, batch_size=8), batches))[1].item() for _ in range(2)]
     assert sum(losses) / 2 == pytest.approx(ckpt["best_val"], abs=0.2)
 
 
@@ -173,7 +174,7 @@ def test_the_fused_kernel_is_the_formula_on_cuda(dtype, tolerance, T, tf32_flags
     cfg = gpt.Config(block_size=64, n_embd=128, n_head=4, n_layer=2, dropout=0.0)
     torch.manual_seed(0)
     fused = gpt.GPT(65, cfg).to(DEVICE)
-    manual = gpt.GPT(65, gpt.Config(**{**cfg.__dict__, "fused_attention": False})).to(DEVICE)
+    manual = gpt.GPT(65, replace(cfg, fused_attention=False)).to(DEVICE)
     manual.load_state_dict(fused.state_dict())
     gen = torch.Generator(DEVICE).manual_seed(1)
     idx = torch.randint(65, (4, T), device=DEVICE, generator=gen)
