@@ -247,10 +247,12 @@ def test_a_compile_backend_that_fails_on_cuda_leaves_the_run_eager(corpus, tmp_p
 
 
 def test_ctrl_c_on_cuda_then_resume_goes_on_as_the_unbroken_run(corpus, tmp_path, monkeypatch, capsys):
-    """In auto precision with dropout on (so the CUDA random state must come back too). CUDA is not bit-exact, so the
-    resumed run's losses are held to the unbroken run's within 0.02, not to the last bit as on the CPU: far below
-    what a resume that drew other batches or lost AdamW's moments gives at these steps."""
-    args = [*CUDA_TINY, f"--data={corpus}", "--max_iters=30", "--dropout=0.1"]
+    """With dropout on, so that the CUDA random state must come back too, in float32 without TF32 so that two runs can
+    be held close. CUDA is not bit-exact (some backward kernels add with atomics, in whatever order the threads come:
+    about 1e-6 apart in float32), so the resumed run's losses are held to the unbroken run's within 5e-4, not to the
+    last bit as on the CPU: below what a resume that lost AdamW's moments (3e-3 here by step 20, measured on a CPU) or
+    drew other batches (3e-2) gives."""
+    args = [*CUDA_TINY, f"--data={corpus}", "--max_iters=30", "--dropout=0.2", "--dtype=float32"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert gpt.main([*args, f"--out_dir={whole}"]) == 0
     with monkeypatch.context() as m:
@@ -266,8 +268,8 @@ def test_ctrl_c_on_cuda_then_resume_goes_on_as_the_unbroken_run(corpus, tmp_path
     expected, resumed = rows(whole), rows(cut)
     assert [r["step"] for r in resumed] == [r["step"] for r in expected] == [0, 10, 20, 30]
     for a, b in zip(resumed, expected, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=0.02), (a, b)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=0.02), (a, b)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=5e-4), (a, b)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=5e-4), (a, b)
 
 
 @pytest.fixture(scope="module")
