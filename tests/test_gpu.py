@@ -32,11 +32,12 @@ import gpt
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
-CUDA_TINY = [*(a for a in TINY if not a.startswith(("--device", "--dtype"))), f"--device={DEVICE}"]  # dtype: auto
+# TINY on the card, in auto precision
+CUDA_TINY = [*(a for a in TINY if not a.startswith(("--device", "--dtype"))), f"--device={DEVICE}"]
 # the default model (10.79M parameters, batch 64 x 256) for a few steps: a warm-up of 5 steps, so that it learns in them
 SHORT = ["--max_iters=20", "--eval_interval=10", "--eval_iters=4", "--warmup_iters=5", "--max_new_tokens=40"]
-SHORT_EAGER = ["--max_iters=10", "--eval_interval=5", "--eval_iters=4", "--warmup_iters=5", "--max_new_tokens=20"]
-SHORT_EAGER += ["--compile=false"]
+SHORT_EAGER = ["--max_iters=10", "--eval_interval=5", "--eval_iters=4", "--warmup_iters=5", "--compile=false"]
+SHORT_EAGER += ["--max_new_tokens=20"]
 PROGRESS = re.compile(
     r"^step (\d+)/\d+ \| train \S+ \| val \S+ \| lr \S+ \| ([\d.]+) ms/it \| (\d+)k tok/s(?: \| mfu (\d+)%)?"
 )
@@ -204,9 +205,9 @@ def test_sampling_with_the_kv_cache_on_cuda(fused, tf32_flags):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     on_cpu = confident_model(fused)
     model = confident_model(fused).to(DEVICE)
-    prompt, n = [[1, 4, 2]], 3 * BS
-    out, calls = generate_recorded(model, torch.tensor(prompt, device=DEVICE), n, use_cache=True, temperature=0)
-    uncached, _ = generate_recorded(model, torch.tensor(prompt, device=DEVICE), n, use_cache=False, temperature=0)
+    prompt, n = torch.tensor([[1, 4, 2]]), 3 * BS
+    out, calls = generate_recorded(model, prompt.to(DEVICE), n, use_cache=True, temperature=0)
+    uncached, _ = generate_recorded(model, prompt.to(DEVICE), n, use_cache=False, temperature=0)
     fits = 3 + BS - 3 + 1  # the prompt and the characters predicted from at most block_size characters
     assert out.device.type == DEVICE and torch.equal(out[:, :fits], uncached[:, :fits])
     sizes = rule_windows(3, n, BS)
@@ -217,7 +218,7 @@ def test_sampling_with_the_kv_cache_on_cuda(fused, tf32_flags):
         expected = plain_last_logits(model, out[:, 3 + i - w : 3 + i])
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         assert torch.equal(out[:, 3 + i], expected.argmax(-1))
-    cpu_out, _ = generate_recorded(on_cpu, torch.tensor(prompt), n, use_cache=True, temperature=0)
+    cpu_out, _ = generate_recorded(on_cpu, prompt, n, use_cache=True, temperature=0)
     assert torch.equal(out.cpu(), cpu_out)
 
 
@@ -240,7 +241,8 @@ def test_a_compile_backend_that_fails_on_cuda_leaves_the_run_eager(corpus, tmp_p
     assert status == 0, out + err
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "failing_backend" in warnings[0], warnings
-    assert warnings[0].startswith("warning: torch.compile failed (") and warnings[0].endswith("); training without it")
+    assert warnings[0].startswith("warning: torch.compile failed (")
+    assert warnings[0].endswith("); training without it")
     assert "| compile off |" in header(out) and "Traceback" not in out + err
     assert [r["step"] for r in rows(tmp_path)] == [0, 3, 6]
     assert all(math.isfinite(r["val_loss"]) for r in rows(tmp_path))
@@ -314,12 +316,8 @@ def test_a_cpu_checkpoint_resumes_on_cuda_in_float16_with_fused_adamw(corpus, tm
     assert not gpt.load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"][0]["fused"]
     seen = optimizer_of_each_step(monkeypatch)
     capsys.readouterr()
-    assert (
-        gpt.main(
-            [*CUDA_TINY, f"--data={corpus}", "--max_iters=12", f"--out_dir={tmp_path}", "--dtype=float16", "--resume"]
-        )
-        == 0
-    )
+    on_cuda = [*CUDA_TINY, f"--data={corpus}", "--max_iters=12", f"--out_dir={tmp_path}", "--dtype=float16"]
+    assert gpt.main([*on_cuda, "--resume"]) == 0
     out, err = capsys.readouterr()
     assert len(seen) == 6 and all(group["fused"] for groups in seen for group in groups)
     assert header(out).endswith(" | float16 | compile off | 1 process(es)") and "| device cuda" in header(out)
@@ -349,12 +347,13 @@ def test_bench_measures_the_card(corpus, tmp_path):
     assert tokens == 64 * 256 and ms > 0
     assert result["train_tokens_per_s"] == pytest.approx(tokens / (ms / 1000))
     cfg = gpt.Config()
+    flops = gpt.flops_per_token(gpt.GPT(65, cfg), cfg) * tokens
     peak = gpt.peak_flops(torch.device(DEVICE), auto_dtype())
     if peak is None:  # a card gpt.PEAK_TFLOPS does not know: no MFU rather than a wrong one
         assert result["mfu"] is None
     else:
         assert 0 < result["mfu"] < 1
-        assert result["mfu"] == pytest.approx(gpt.flops_per_token(gpt.GPT(65, cfg), cfg) * tokens / (ms / 1000) / peak)
+        assert result["mfu"] == pytest.approx(flops / (ms / 1000) / peak)
     # peak memory: at least the float32 weights, their gradients and AdamW's two moments (16 bytes a weight), and less
     # than the card has
     assert result["peak_mem_kind"] == "torch.cuda.max_memory_allocated"
@@ -383,14 +382,16 @@ def test_look_on_cuda_writes_the_text_that_sample_writes(cuda_tiny, tmp_path, ca
 def nccl_runs(corpus, tmp_path_factory):
     """torchrun with two processes on two GPUs: 6 steps of batch 4 each ("two"), a mistake ("bad"), and a long run
     stopped by SIGINT to torchrun once it has printed step 0 ("sig"); and one process with batch 8 ("one")."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs two CUDA GPUs for NCCL between two processes; this machine has {torch.cuda.device_count()}")
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"needs two CUDA GPUs for NCCL between two processes; this machine has {gpus}")
     root = tmp_path_factory.mktemp("nccl")
     common = [*(a for a in SETTINGS if not a.startswith("--device")), f"--device={DEVICE}", f"--data={corpus}"]
+    long_run = [*common, "--batch_size=4", "--max_iters=100000", "--eval_interval=100000"]
     runs = {
         "two": Run(root / "two", [*common, "--batch_size=4", "--max_iters=6"], world_size=2),
         "bad": Run(root / "bad", [*common, "--n_head=5"], world_size=2),
-        "sig": Run(root / "sig", [*common, "--batch_size=4", "--max_iters=100000", "--eval_interval=100000"], 2),
+        "sig": Run(root / "sig", long_run, world_size=2),
     }
     deadline = time.monotonic() + 240
     launchers = {name: run.torchrun() for name, run in runs.items()}
@@ -415,7 +416,7 @@ def test_two_gpus_over_nccl_train_as_one_process_with_their_whole_batch(nccl_run
     assert two.returncodes == [0], two.stdout() + two.stderr()
     assert one.returncode == 0, one.stdout + one.stderr
     assert progress_steps(two) == ["step 0/6", "step 3/6", "step 6/6"]
-    assert header(two.stdout()).endswith("| 2 process(es)") and "| device cuda:0 |" in header(two.stdout())
+    assert header(two.stdout()).endswith("| 2 process(es)") and "| device cuda:0" in header(two.stdout())
     found, expected = metrics(two), rows(nccl_runs["one"]["out_dir"])
     assert [r["step"] for r in found] == [r["step"] for r in expected] == [0, 3, 6]
     for a, b in zip(found, expected, strict=True):
@@ -429,7 +430,8 @@ def test_a_mistake_under_torchrun_on_gpus_is_one_error_line(nccl_runs):
     bad = nccl_runs["bad"]
     assert bad.returncodes != [0]
     errors = [line for line in bad.stderr().splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: --n_embd (32) must be divisible by --n_head (5)"), errors
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: --n_embd (32) must be divisible by --n_head (5)")
 
 
 def test_ctrl_c_to_torchrun_on_gpus_saves_once(nccl_runs):
