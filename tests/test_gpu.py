@@ -226,7 +226,10 @@ def test_sampling_with_the_kv_cache_on_cuda(fused, tf32_flags):
 
 
 def test_a_compile_backend_that_fails_on_cuda_leaves_the_run_eager(corpus, tmp_path, monkeypatch, capsys):
+    calls = []
+
     def failing_backend(graph_module, example_inputs):
+        calls.append(graph_module)
         raise RuntimeError("no kernels for this card\n(a long traceback follows)")
 
     compile = torch.compile
@@ -240,7 +243,7 @@ def test_a_compile_backend_that_fails_on_cuda_leaves_the_run_eager(corpus, tmp_p
     out, err = capsys.readouterr()
     assert status == 0, out + err
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "failing_backend" in warnings[0], warnings
+    assert len(calls) >= 1 and len(warnings) == 1, warnings  # the compiler was reached, and failed
     assert warnings[0].startswith("warning: torch.compile failed (")
     assert warnings[0].endswith("); training without it")
     assert "| compile off |" in header(out) and "Traceback" not in out + err
