@@ -31,6 +31,18 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu exercise the CUDA paths: they run wherever CUDA is, and are skipped elsewhere, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(why)
+
+
 def find_corpus(root=ROOT):
     """tiny Shakespeare, as input.txt in root: the tests never use the network, so it must be there already."""
     path = root / "input.txt"
@@ -80,6 +92,16 @@ def on_one_thread():
 def one_thread():
     with on_one_thread():
         yield
+
+
+@pytest.fixture
+def tf32_flags():
+    """TF32's two flags, which gpt.precision sets for the whole process, put back after the test."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def trained_once(tmp_path_factory, name, argv):

@@ -221,13 +221,6 @@ def test_out_of_memory_while_compiling_gets_the_out_of_memory_advice(corpus, tmp
 # ---- precision --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tf32_flags():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def no_trial(dtype):
     raise AssertionError("nothing was to be timed")
 
