@@ -122,7 +122,7 @@ def test_the_figures_against_counts_and_clocks_of_their_own(corpus, monkeypatch,
     time is known here: the mean step is over the N steps asked for (train_step counted), an evaluation batch takes
     what a forward pass timed here takes, MFU is the FLOPs counted by hand over that time, and the sampling without
     the cache feeds the whole context (up to block_size) at every character."""
-    delay, steps = 0.1, 2
+    delay, steps = 0.1, 3
     fed, forward = [], gpt.GPT.forward
 
     def slow_forward(self, idx, targets=None, cache=None):
@@ -139,7 +139,7 @@ def test_the_figures_against_counts_and_clocks_of_their_own(corpus, monkeypatch,
     result = bench.bench(bench.parse_args([*TINY, f"--data={corpus}", f"--steps={steps}", "--eval_sample=0"]))
 
     assert len(calls) == result["warmup_steps"] + steps and result["steps"] == steps
-    assert delay <= result["train_ms_per_iter"] / 1000 < 1.9 * delay  # one step's time: not N's, nor an Nth of one
+    assert delay <= result["train_ms_per_iter"] / 1000 < 2.5 * delay  # one step's time: not N's, nor an Nth of one
     assert result["mfu"] == pytest.approx(174_918 * 8 * 16 / (result["train_ms_per_iter"] / 1000) / 1e9)  # TINY's
 
     model = gpt.GPT(65, gpt.Config(**result["config"])).eval()
@@ -150,7 +150,7 @@ def test_the_figures_against_counts_and_clocks_of_their_own(corpus, monkeypatch,
         with torch.no_grad():
             model(x, x)
         direct.append(time.perf_counter() - t)
-    assert 2 / 3 < result["eval_ms_per_batch"] / 1000 / min(direct) < 1.5
+    assert 0.6 < result["eval_ms_per_batch"] / 1000 / min(direct) < 1.7  # a batch's time: 2x off is out
     assert sum(with_targets for _, with_targets in fed) == len(calls) + 2 + 2 * steps + 3  # 2 + 2N evaluation batches
 
     sampled = [T for T, with_targets in fed if not with_targets]
