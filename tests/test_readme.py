@@ -51,7 +51,7 @@ def test_the_sizes_the_readme_gives_are_the_models_sizes():
 def test_the_knob_tables_defaults_are_configs():
     """The default column: `(empty)` for an empty string, `a newline` for the prompt, numbers as --help shows them."""
     table = markdown_table(README, "| knob | default |")
-    assert sorted(name.strip("`") for name in table) == sorted(f.name for f in gpt.fields(gpt.Config))  # all, once
+    assert sorted(name.strip("`") for name in table) == sorted(f.name for f in gpt.fields(gpt.Config))  # every knob
     for f in gpt.fields(gpt.Config):
         default = getattr(gpt.Config(), f.name)
         shown = {"": "(empty)", "\n": "a newline"}.get(default, default) if type(default) is str else default
