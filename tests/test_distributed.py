@@ -473,8 +473,8 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(runs):
 
 
 def test_each_process_draws_dropout_masks_of_its_own(runs):
-    """docs/multi-gpu.md: each process draws its own dropout masks (the same masks in all would drop the same units
-    of every sequence, as one process does for a batch). Here those on the embeddings at the first step."""
+    """docs/multi-gpu.md: each process draws its own dropout masks. Seeded alike, the processes would drop the same
+    units in their shares of the global batch. Here the masks on the embeddings at the first step."""
     sig = runs["sig"]
     masks = [torch.load(sig.folder / f"mask{rank}.pt", weights_only=True) for rank in range(2)]
     assert all(m.shape == (4, 16, 32) for m in masks)  # batch 4 of each process, context 16, 32 wide
