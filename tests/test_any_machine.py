@@ -123,14 +123,28 @@ def test_the_note_counts_every_step_and_every_evaluation_batch(accum, corpus, tm
 # ---- sampling draws on the CPU --------------------------------------------------------------------------------------
 
 
+class Elsewhere(torch.Tensor):
+    """A tensor that says it is on another device (meta here, the one every build has), its numbers on the CPU: what
+    is computed from it is Elsewhere too, until .cpu() brings it back to a plain CPU tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.device.__get__:
+            return torch.device("meta")
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def test_the_next_character_is_drawn_on_the_cpu_and_never_one_top_k_forbade(monkeypatch):
     """torch.multinomial on Apple's MPS has drawn characters of probability 0; the draw is made on the CPU, whatever
     the device of the logits, from a CPU generator, and comes back to the logits' device."""
-    drawn_from, multinomial = [], torch.multinomial
+    drawn_from, drawn, multinomial = [], [], torch.multinomial
 
     def spy(probs, num_samples, generator=None):
-        drawn_from.append((probs.device.type, None if generator is None else generator.device.type))
-        return multinomial(probs, num_samples, generator=generator)
+        drawn_from.append((type(probs), probs.device.type, None if generator is None else generator.device.type))
+        drawn.append(multinomial(probs, num_samples, generator=generator))
+        return drawn[-1]
 
     monkeypatch.setattr(torch, "multinomial", spy)
     logits = torch.randn(4, 65, generator=torch.Generator().manual_seed(0))
@@ -139,7 +153,15 @@ def test_the_next_character_is_drawn_on_the_cpu_and_never_one_top_k_forbade(monk
         idx = gpt.sample_next(logits, temperature=1.5, top_k=3, generator=torch.Generator().manual_seed(seed))
         assert idx.device == logits.device and idx.shape == (4, 1)
         assert all(i in row for i, row in zip(idx[:, 0].tolist(), allowed.tolist(), strict=True))
-    assert set(drawn_from) == {("cpu", "cpu")}
+    assert set(drawn_from) == {(torch.Tensor, "cpu", "cpu")}
+    # logits on another device: drawn from a plain CPU tensor, the draw brought back to the logits' device
+    elsewhere = logits.as_subclass(Elsewhere)
+    assert elsewhere.device.type == "meta" and (elsewhere / 2).device.type == "meta"  # the stand-in stands
+    for seed in range(50):
+        idx = gpt.sample_next(elsewhere, temperature=1.5, top_k=3, generator=torch.Generator().manual_seed(seed))
+        assert idx.device.type == "meta" and idx.shape == (4, 1)
+        assert all(i in row for i, row in zip(drawn[-1][:, 0].tolist(), allowed.tolist(), strict=True))
+    assert set(drawn_from) == {(torch.Tensor, "cpu", "cpu")}
 
 
 # ---- a new user without the corpus ----------------------------------------------------------------------------------

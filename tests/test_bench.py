@@ -4,6 +4,7 @@ input gets one line and exit status 1."""
 import importlib.util
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -114,3 +115,45 @@ def test_its_own_flags_go_through_gpt_pys_parser(capsys):
     assert err.startswith("error: argument --steps: invalid int value: '2.5'. Valid names: data ")
     cfg = bench.parse_args(["--steps", "3", "--json=b.json", "--n_layer=2"])  # --name value works for them too
     assert (cfg.steps, cfg.json, cfg.n_layer) == (3, "b.json", 2)
+
+
+def test_the_figures_against_counts_and_clocks_of_their_own(corpus, monkeypatch, one_thread):
+    """Each forward pass given targets (a training or an evaluation batch) made to take 100 ms more, so that a batch's
+    time is known here: the mean step is over the N steps asked for (train_step counted), an evaluation batch takes
+    what a forward pass timed here takes, MFU is the FLOPs counted by hand over that time, and the sampling without
+    the cache feeds the whole context (up to block_size) at every character."""
+    delay, steps = 0.1, 3
+    fed, forward = [], gpt.GPT.forward
+
+    def slow_forward(self, idx, targets=None, cache=None):
+        fed.append((idx.shape[1], targets is not None))
+        if targets is not None:
+            time.sleep(delay)
+        return forward(self, idx, targets, cache)
+
+    calls, train_step = [], gpt.train_step
+    monkeypatch.setattr(gpt.GPT, "forward", slow_forward)
+    monkeypatch.setattr(gpt, "train_step", lambda *args: calls.append(1) or train_step(*args))
+    monkeypatch.setattr(gpt, "peak_flops", lambda device, dtype: 1e9)  # a card of 1 GFLOP/s
+    bench = load_bench()
+    result = bench.bench(bench.parse_args([*TINY, f"--data={corpus}", f"--steps={steps}", "--eval_sample=0"]))
+
+    assert len(calls) == result["warmup_steps"] + steps and result["steps"] == steps
+    assert delay <= result["train_ms_per_iter"] / 1000 < 2.5 * delay  # one step's time: not N's, nor an Nth of one
+    assert result["mfu"] == pytest.approx(174_918 * 8 * 16 / (result["train_ms_per_iter"] / 1000) / 1e9)  # TINY's
+
+    model = gpt.GPT(65, gpt.Config(**result["config"])).eval()
+    x = torch.zeros((8, 16), dtype=torch.long)
+    direct = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(x, x)
+        direct.append(time.perf_counter() - t)
+    assert 0.6 < result["eval_ms_per_batch"] / 1000 / min(direct) < 1.7  # a batch's time: 2x off is out
+    assert sum(with_targets for _, with_targets in fed) == len(calls) + 2 + 2 * steps + 3  # 2 + 2N evaluation batches
+
+    sampled = [T for T, with_targets in fed if not with_targets]
+    n = result["sample_new_tokens"]
+    assert sampled[-n:] == [min(1 + i, 16) for i in range(n)]  # without the cache: the prompt and all so far, cropped
+    assert sum(sampled[-2 * n : -n]) < n + 16  # with it: one character a pass, the window when it is rebuilt

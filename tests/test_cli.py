@@ -42,6 +42,22 @@ def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "ms_per_iter")} for r in rows]
+
+
+def assert_same_state(a, b):
+    """Two checkpoints hold the same step, weights and AdamW state (its moments and step counts), bit for bit."""
+    assert (a["step"], a["best_val"]) == (b["step"], b["best_val"])
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the weights differ"
+    moments = [(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"]]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys() and len(moments) == len(a["model"])
+    for mine, theirs in moments:
+        assert mine.keys() == theirs.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), "the optimizer's state differs"
+
+
 def assert_clean_exit(result, status=0):
     assert result.returncode == status, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -139,8 +155,8 @@ def test_training_writes_checkpoint_and_metrics(trained, corpus):
     assert ckpt["vocab"] == "".join(sorted(set(corpus.read_text())))
     cfg = gpt.Config(**ckpt["config"])
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.max_iters, cfg.dropout) == (2, 32, 16, 20, 0.0)  # overrides
-    for r in rows:
-        assert r["lr"] == pytest.approx(gpt.get_lr(r["step"], cfg), rel=1e-5)
+    for r in rows:  # all 20 steps are in the warm-up of 100 steps: learning_rate * (step + 1) / warmup_iters
+        assert r["lr"] == pytest.approx(1e-3 * (r["step"] + 1) / 100, rel=1e-5)
     best = min(rows, key=lambda r: r["val_loss"])
     assert (ckpt["step"], round(ckpt["best_val"], 4)) == (best["step"], best["val_loss"])
     assert ckpt["model"]["token_embedding_table.weight"].shape == (65, 32)
@@ -219,6 +235,8 @@ def test_sample_starts_with_the_prompt(trained, capsys):
 
 
 def test_resume_continues_from_the_saved_step(trained, corpus, tmp_path):
+    """The run of 20 steps resumed with --max_iters=30 ends as a run of 30 steps from the start does: the same
+    weights and optimizer state, the same rows. (All 30 steps are in the warm-up of 100: the same learning rates.)"""
     _, trained_dir = trained
     out_dir = tmp_path / "out"
     shutil.copytree(trained_dir, out_dir)
@@ -234,6 +252,13 @@ def test_resume_continues_from_the_saved_step(trained, corpus, tmp_path):
     assert rows[: len(rows) - len(steps)] == [r for r in before if r["step"] <= saved]  # kept as they were
     assert [r["step"] for r in rows] == [r["step"] for r in before if r["step"] <= saved] + steps
     assert "final: " in result.stdout
+    resumed = gpt.load_checkpoint(out_dir / "ckpt.pt")
+    assert resumed["config"]["max_iters"] == 30  # the new max_iters, kept for the next resume
+    assert all(r["lr"] == pytest.approx(1e-3 * (r["step"] + 1) / 100, rel=1e-5) for r in rows)
+    unbroken = tmp_path / "unbroken"
+    assert gpt.main([*TINY, f"--data={corpus}", f"--out_dir={unbroken}", "--max_iters=30"]) == 0
+    assert without_timing(rows) == without_timing(metrics(unbroken))
+    assert_same_state(resumed, gpt.load_checkpoint(unbroken / "ckpt.pt"))
 
 
 def test_resuming_a_finished_run_trains_no_further(trained, corpus, tmp_path, capsys):
@@ -241,11 +266,13 @@ def test_resuming_a_finished_run_trains_no_further(trained, corpus, tmp_path, ca
     out_dir = tmp_path / "out"
     shutil.copytree(trained_dir, out_dir)
     before = metrics(out_dir)
-    assert gpt.load_checkpoint(out_dir / "ckpt.pt")["step"] == 20, "the tiny run's best val should be its last step"
+    saved = gpt.load_checkpoint(out_dir / "ckpt.pt")
+    assert saved["step"] == 20, "the tiny run's best val should be its last step"
     assert gpt.main([*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--resume"]) == 0
     out = capsys.readouterr().out
     assert progress(out) == []
     assert metrics(out_dir) == before
+    assert_same_state(gpt.load_checkpoint(out_dir / "ckpt.pt"), saved)  # not a step further
     assert "sample from the best model (step 20," in out and "\nfinal: train " in out
 
 

@@ -8,7 +8,8 @@ one module fixture starts every run up front, side by side, and the tests only r
     c             1 process, batch_size 4, accumulation 2, 6 steps
     a2            a copy of a's out_dir, resumed by 2 processes to step 9; rank 1 runs in a folder without it, as
                   on a second machine whose disk does not hold out_dir
-    sig           2 processes training for long; SIGTERM to rank 1 alone, once rank 0 has printed step 0
+    sig           2 processes training for long, dropout 0.5; SIGTERM to rank 1 alone, once rank 0 has printed step 0;
+                  each process keeps the dropout mask of its first step on the embeddings, in mask0.pt and mask1.pt
     locked        2 processes, whose out_dir another run holds (here pytest): rank 0 alone finds it out
     torchrun_sig  torchrun, 2 processes training for long; SIGTERM to torchrun, once step 0 is printed
 
@@ -104,6 +105,24 @@ if os.environ["RANK"] == "1":
         loss = train_step(*args)
         return loss * float("nan") if len(steps) == 3 else loss
     gpt.train_step = train_step_gone_nan
+"""
+
+
+# Each process keeps the mask dropout drew on the embeddings (GPT.drop) at its first training step, in mask<RANK>.pt.
+FIRST_MASK = """
+import os, torch
+steps, train_step = [], gpt.train_step
+def keep_the_first_mask(model, *args):
+    steps.append(1)
+    if len(steps) > 1:
+        return train_step(model, *args)
+    keep = lambda module, args, out: torch.save(out == 0, f"mask{os.environ['RANK']}.pt")
+    hook = getattr(model, "module", model).drop.register_forward_hook(keep)  # inside DDP: its module
+    try:
+        return train_step(model, *args)
+    finally:
+        hook.remove()
+gpt.train_step = keep_the_first_mask
 """
 
 
@@ -285,7 +304,7 @@ def runs(tmp_path_factory, corpus):
         "b9": Run(root / "b9", [*common, "--batch_size=8", f"--max_iters={MORE_STEPS}"]),
         "c": Run(root / "c", [*common, "--batch_size=4", "--gradient_accumulation_steps=2", f"--max_iters={STEPS}"]),
         "a2": Run(root / "a2", [*common, "--batch_size=4", f"--max_iters={MORE_STEPS}", "--resume"], 2, elsewhere=True),
-        "sig": Run(root / "sig", long_run, world_size=2),
+        "sig": Run(root / "sig", [*long_run, "--dropout=0.5"], world_size=2, prelude=FIRST_MASK),
         "torchrun_sig": Run(root / "torchrun_sig", long_run, world_size=2),
         # an evaluation of 10^6 batches: Ctrl-C in a terminal sends SIGINT to every process
         "eval_sig": Run(root / "eval_sig", [*long_run, "--eval_iters=1000000"], world_size=2),
@@ -456,6 +475,16 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(runs):
     assert [r["step"] for r in metrics(sig)] == [0]
     assert sig.stdout(rank=1) == ""
     assert sig.seconds_to_stop < GRACE
+
+
+def test_each_process_draws_dropout_masks_of_its_own(runs):
+    """docs/multi-gpu.md: each process draws its own dropout masks. Seeded alike, the processes would drop the same
+    units in their shares of the global batch. Here the masks on the embeddings at the first step."""
+    sig = runs["sig"]
+    masks = [torch.load(sig.folder / f"mask{rank}.pt", weights_only=True) for rank in range(2)]
+    assert all(m.shape == (4, 16, 32) for m in masks)  # batch 4 of each process, context 16, 32 wide
+    assert all(0.4 < m.float().mean().item() < 0.6 for m in masks)  # dropout 0.5 at work in each
+    assert (masks[0] != masks[1]).float().mean().item() > 0.3  # two draws: about half the places differ
 
 
 def test_ctrl_c_cuts_the_evaluation_short_in_every_process(runs):

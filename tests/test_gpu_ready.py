@@ -71,6 +71,13 @@ def test_the_card_table_matches_whole_card_names(name, monkeypatch, tf32_flags):
     assert gpt.peak_flops(CPU, torch.float32) is None
 
 
+# Training FLOPs per token of TINY's model (2 layers, 2 heads, 32 wide, context 16, 65 characters), counted by hand:
+# 6 per weight of a matrix product (each block: qkv 32 x 96 = 3,072, proj 32 x 32 + 32 = 1,056, fc 32 x 128 + 128 =
+# 4,224, proj 128 x 32 + 32 = 4,128, so 12,480; the head 32 x 65 + 65 = 2,145: 27,105 in all), plus attention's
+# QK^T and AV, 12 x n_layer x n_embd x block_size = 12,288
+TINY_FLOPS_PER_TOKEN = 6 * 27_105 + 12_288  # 174,918
+
+
 @pytest.mark.parametrize("world_size", [1, 4])
 def test_mfu_is_each_gpus_share_of_its_own_cards_peak(world_size):
     """Each process trains its share of the global batch on its own card: tokens of all / processes / one peak."""
@@ -79,14 +86,19 @@ def test_mfu_is_each_gpus_share_of_its_own_cards_peak(world_size):
     tokens, per_gpu = gpt.throughput(model, cfg, world_size)
     assert tokens == 8 * 16 * world_size  # the batch of all processes
     assert per_gpu == gpt.flops_per_token(model, cfg) * tokens / world_size
+    assert per_gpu == TINY_FLOPS_PER_TOKEN * 8 * 16  # each GPU: its own 8 sequences of 16
 
 
 def test_the_progress_line_shows_mfu_against_the_cards_peak(corpus, capsys):
+    step_flops = TINY_FLOPS_PER_TOKEN * 8 * 16  # a step of TINY: 8 sequences of 16
     with built([*TINY, f"--data={corpus}"]) as run:
-        run.peak, run.ms_per_iter = run.flops_per_gpu / 0.5, 500.0  # a card that does one step's work in 0.5 s: 100%
+        run.peak, run.ms_per_iter = step_flops / 0.5, 500.0  # a card that does one step's work in 0.5 s: 100%
         run.t_eval = time.time()
         run.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
-    assert "| mfu 100% |" in capsys.readouterr().out
+        assert "| mfu 100% |" in capsys.readouterr().out
+        run.peak = 4 * step_flops / 0.5  # a card 4 times as fast
+        run.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
+        assert "| mfu 25% |" in capsys.readouterr().out
 
 
 def test_checkpoint_saves_are_left_out_of_ms_per_it(corpus, tmp_path, monkeypatch):
@@ -263,6 +275,28 @@ def test_every_dtype_runs_on_any_cpu(dtype, scaled, monkeypatch, tf32_flags):
     got, autocast, scaler, why = gpt.precision(gpt.Config(dtype=dtype), CPU, no_trial)  # named: nothing is timed
     assert got == getattr(torch, dtype) and scaler.is_enabled() == scaled and why == ""  # float16: scaled, as a T4
     assert (getattr(autocast, "fast_dtype", torch.float32), getattr(autocast, "device", "cpu")) == (got, "cpu")
+    # and what it gives trains: a step of a small model, its matrix products in that dtype, through the scaler
+    cfg = gpt.replace(gpt.Config(), n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4, dropout=0.0)
+    torch.manual_seed(0)
+    model = gpt.GPT(65, cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = gpt.make_optimizer(model, cfg, "cpu")
+    x = torch.randint(65, (4, 8))
+    with autocast:
+        logits, loss = model(x, x)
+    assert logits.dtype == got and torch.isfinite(loss)
+    scaler.scale(loss).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g.dtype == torch.float32 for g in grads)  # the weights and their gradients stay float32
+    with autocast:
+        unscaled = torch.autograd.grad(model(x, x)[1], list(model.parameters()))
+    factor = 65536.0 if scaled else 1.0  # GradScaler's first scale: float16's gradients come out multiplied by it
+    for g, u in zip(grads, unscaled, strict=True):
+        torch.testing.assert_close(g, u * factor, rtol=1e-2, atol=1e-3 * factor * u.abs().max().item())
+    scaler.step(optimizer)
+    scaler.update()
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(after, before, strict=True))
 
 
 @pytest.mark.skipif(

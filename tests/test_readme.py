@@ -32,6 +32,34 @@ def test_every_knob_is_in_the_readme_table():
         assert f"| `{f.name}` |" in README, f.name
 
 
+def test_the_sizes_the_readme_gives_are_the_models_sizes():
+    """The defaults (6 layers, 6 heads, 384 wide, context 256, 10.8M parameters) and the CPU recipe (0.82M, 4 layers,
+    4 heads, 128 wide, context 64), as the README says them, against Config, CPU_RECIPE and the models they build for
+    tiny Shakespeare's 65 characters."""
+    shape = r"(\d+) layers, (\d+) heads, (\d+) wide, context (\d+)"
+    defaults = re.search(rf"The defaults are [^(]*\({shape}, ([\d.]+)M parameters\)", README)
+    recipe = re.search(rf"a ([\d.]+)M-parameter model \({shape}\)", README)
+    assert defaults and recipe, "the README no longer gives the sizes in the words this test reads"
+    said = {"defaults": (*defaults.groups()[:4], defaults[5]), "recipe": (*recipe.groups()[1:], recipe[1])}
+    for name, cfg in (("defaults", gpt.Config()), ("recipe", gpt.CPU_RECIPE)):
+        *numbers, millions = said[name]
+        assert [int(n) for n in numbers] == [cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size], name
+        params = sum(p.numel() for p in gpt.GPT(65, cfg).parameters())
+        decimals = len(millions.partition(".")[2])
+        assert f"{params / 1e6:.{decimals}f}" == millions, (name, params)
+
+
+def test_the_knob_tables_defaults_are_configs():
+    """The default column: `(empty)` for an empty string, `a newline` for the prompt, numbers as --help shows them."""
+    table = markdown_table(README, "| knob | default |")
+    assert sorted(name.strip("`") for name in table) == sorted(f.name for f in gpt.fields(gpt.Config))  # every knob
+    for f in gpt.fields(gpt.Config):
+        default = getattr(gpt.Config(), f.name)
+        shown = {"": "(empty)", "\n": "a newline"}.get(default, default) if type(default) is str else default
+        shown = f"{shown:g}" if type(shown) is float else str(shown)
+        assert table[f"`{f.name}`"][0] == f"`{shown}`", f.name
+
+
 def markdown_table(text, header):
     """{first cell: [the other cells]} of the Markdown table in text whose header row starts with `header`."""
     lines = text[text.index(header) :].splitlines()[2:]  # after the header and the |---| row

@@ -146,6 +146,9 @@ def test_the_flops_per_token_count_matrix_products_not_embedding_lookups():
     norms = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
     products = sum(p.numel() for p in model.parameters()) - embeddings - norms
     assert gpt.flops_per_token(model, cfg) == 6 * products + 12 * 2 * 32 * 16
+    # counted by hand: each block's qkv 32 x 96, proj 32 x 32 + 32, fc 32 x 128 + 128, proj 128 x 32 + 32 (12,480),
+    # two of them, and the head 32 x 65 + 65 (2,145): 27,105 weights of matrix products; attention 12 x 2 x 32 x 16
+    assert gpt.flops_per_token(model, cfg) == 6 * 27_105 + 12_288 == 174_918
     bigram = __import__("bigram").BigramLanguageModel(65, cfg)
     assert gpt.flops_per_token(bigram, cfg) == 0  # a table: no MFU to speak of
 

@@ -85,6 +85,17 @@ def test_a_resumed_run_writes_the_lines_of_the_unbroken_one(corpus, tmp_path, mo
     monkeypatch.undo()
     assert gpt.main([*common, f"--out_dir={tmp_path / 'cut'}", "--resume"]) == 0
     assert [r["sample"] for r in rows(tmp_path / "cut")] == [r["sample"] for r in rows(tmp_path / "whole")]
+    # and all the rest: the losses, the weights and AdamW's state (dropout 0.1: torch's random state too)
+    timing = ("elapsed_s", "ms_per_iter")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows(tmp_path / "cut")] == [
+        {k: v for k, v in r.items() if k not in timing} for r in rows(tmp_path / "whole")
+    ]
+    cut, whole = (gpt.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("cut", "whole"))
+    assert cut["step"] == whole["step"] and cut["model"].keys() == whole["model"].keys()
+    assert all(torch.equal(cut["model"][k], whole["model"][k]) for k in whole["model"])
+    states = [(cut["optimizer"]["state"][i], whole["optimizer"]["state"][i]) for i in whole["optimizer"]["state"]]
+    assert len(states) == len(whole["model"]) and all(mine.keys() == theirs.keys() for mine, theirs in states)
+    assert all(torch.equal(mine[k], theirs[k]) for mine, theirs in states for k in theirs)
 
 
 def test_ctrl_c_during_the_line_is_answered_within_a_character(corpus, tmp_path, monkeypatch, capsys):
