@@ -13,7 +13,6 @@ Transformer learns to continue tiny Shakespeare one character at a time, then wr
 """
 
 import argparse
-import codecs
 import contextlib
 import hashlib
 import inspect
@@ -651,24 +650,19 @@ def read_corpus(path="", chars=None, chunk_size=1 << 22):
 
 
 def code_points(path, chunk_size):
-    """The characters of a UTF-8 file as numpy arrays of their Unicode code points, a chunk of the file at a time."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_size)
-            held = decoder.getstate()[0]  # the first bytes of a character that the last chunk cut in two
-            if chunk and not held and chunk.isascii():  # a byte is a character
-                yield np.frombuffer(chunk, np.uint8)
-            else:
-                try:
-                    text = decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as e:
-                    where = f"byte {e.object[e.start]:#04x} at offset {offset - len(held) + e.start}"
-                    raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
-                yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
-            if not chunk:
-                return
-            offset += len(chunk)
+    """The characters of a UTF-8 file as numpy arrays of their Unicode code points, chunk_size characters at a time."""
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": a "\r\n" stays two characters
+        try:
+            while text := f.read(chunk_size):
+                if text.isascii():  # a character is a byte
+                    yield np.frombuffer(text.encode("ascii"), np.uint8)
+                else:
+                    yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        except UnicodeDecodeError as e:
+            # e.object: the bytes being decoded (with any held over from the last read), which end where f.buffer is
+            offset = f.buffer.tell() - len(e.object) + e.start
+            where = f"byte {e.object[e.start]:#04x} at offset {offset}"
+            raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
 
 
 def save_checkpoint(path, state):
