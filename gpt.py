@@ -593,6 +593,16 @@ def write_atomically(path, write):
         Path(tmp).unlink(missing_ok=True)  # gone already when the rename happened
 
 
+@contextlib.contextmanager
+def disk_errors(what, then="name a folder you can write to"):
+    """An OSError within (a full disk, a folder that cannot be written to) as the user's error, one line:
+    `{what} ({the system's reason}); {then}`."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{what} ({e.strerror or e}); {then}") from None
+
+
 def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
     """Fetch tiny Shakespeare into `path` and check its sha256: afterwards `path` is whole and right, or absent."""
     by_hand = f"download {url} by hand and save it as {path}"
@@ -666,11 +676,9 @@ def code_points(path, chunk_size):
 
 
 def save_checkpoint(path, state):
-    try:
+    with disk_errors(f"could not write {path}", "the previous checkpoint is untouched"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(Path(path), lambda f: torch.save(state, f))
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is untouched") from None
 
 
 def load_checkpoint(path, hint="point --out_dir at its folder"):
@@ -726,24 +734,24 @@ def prepare_out_dir(out_dir, resumed_step, lock=None):
     """Make out_dir and lock it (unless `lock` holds it already). A resumed run keeps the whole rows of metrics.jsonl up
     to its step (it redoes the rest; a crash may cut a row short); a new run sets an earlier run's files aside."""
     metrics = out_dir / "metrics.jsonl"
-    try:
+    with disk_errors(f"cannot write to --out_dir={out_dir}"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock, rows, damaged = lock or lock_out_dir(out_dir), [], 0
+        lock = lock or lock_out_dir(out_dir)
+        rows = []
+        damaged = 0
         if resumed_step is None:
             set_aside(out_dir)
-        resumed = resumed_step is not None and metrics.exists()
-        for line in metrics.read_text(errors="replace").splitlines() if resumed else []:
-            try:
-                if json.loads(line)["step"] <= resumed_step:
-                    rows.append(line)
-            except (ValueError, TypeError, KeyError):
-                damaged += 1
+        elif metrics.exists():
+            for line in metrics.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resumed_step:
+                        rows.append(line)
+                except (ValueError, TypeError, KeyError):
+                    damaged += 1
         if damaged:
-            print(f"warning: dropped {damaged} damaged line(s) of {metrics}, as a crash while writing leaves them")
+            why = "as a crash while writing leaves them"
+            print(f"warning: dropped {damaged} damaged line(s) of {metrics}, {why}")
         write_atomically(metrics, lambda f: f.write("".join(row + "\n" for row in rows).encode()))
-    except OSError as e:
-        advice = "name a folder you can write to"
-        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); {advice}") from None
     return lock
 
 
@@ -764,18 +772,20 @@ def set_aside(out_dir):
 def lock_out_dir(out_dir):
     """One training run per out_dir: an exclusive lock on out_dir/train.lock, which holds the process id. The
     operating system releases it when the process ends, however it ends (kill -9 too). Not on Windows."""
-    f = open(out_dir / "train.lock", "a+")  # kept open: closing it releases the lock
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        other = f.read().strip() or "unknown"
-        f.close()
-        advice = "wait for it to end or stop it, or train into another --out_dir"
-        raise UserError(f"--out_dir={out_dir} is in use by another training run (process {other}); {advice}") from None
-    f.truncate(0)
-    print(os.getpid(), file=f, flush=True)
+    with disk_errors(f"cannot write to --out_dir={out_dir}"):  # Run calls it before prepare_out_dir, too
+        f = open(out_dir / "train.lock", "a+")  # kept open: closing it releases the lock
+        try:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "unknown"
+            f.close()
+            in_use = f"--out_dir={out_dir} is in use by another training run (process {other})"
+            advice = "wait for it to end or stop it, or train into another --out_dir"
+            raise UserError(f"{in_use}; {advice}") from None
+        f.truncate(0)
+        print(os.getpid(), file=f, flush=True)
     return f
 
 
@@ -1121,13 +1131,11 @@ class Run(Machine):
         row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
         row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - self.t_start, 2))
         row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
-        try:
-            if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
-                with open(self.out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-        except OSError as e:
+        if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
+            metrics = self.out_dir / "metrics.jsonl"
             kept = "the checkpoints beside it are kept"
-            raise UserError(f"could not write {self.out_dir / 'metrics.jsonl'} ({e.strerror or e}); {kept}") from None
+            with disk_errors(f"could not write {metrics}", kept), open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if losses["val"] < self.best_val:
             self.best_val = losses["val"]
             self.save("ckpt.pt", step)
