@@ -444,7 +444,8 @@ class _Parser(argparse.ArgumentParser):
 def _converter(kind):
     """argparse's converter for a field of this type: bool takes 1/0, true/false, yes/no, on/off; X | None also none."""
     base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
-    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    words = {"1": True, "true": True, "yes": True, "on": True}
+    words |= {"0": False, "false": False, "no": False, "off": False}
 
     def convert(text):
         if text.lower() == "none" and base is not kind:
@@ -474,7 +475,8 @@ def parse_overrides(argv, defaults=None):
 def knob_help(defaults):
     """Every knob with its default and its comment in the class that defines it (Config, or bench.py's own)."""
     script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "gpt.py"
-    lines = [f"usage: python {script} [--name=value ...]: any knob below, by its name; a boolean also as --name"]
+    usage = f"usage: python {script} [--name=value ...]"
+    lines = [f"{usage}: any knob below, by its name; a boolean also as --name"]
     for cls in reversed(type(defaults).__mro__[:-1]):  # Config's knobs first
         for line in inspect.getsource(cls).splitlines():
             if knob := re.fullmatch(r"    (\w+): .+?  # (.+)", line):
@@ -490,9 +492,14 @@ def knob_help(defaults):
 def command_line(cfg, script="gpt.py"):
     """The command that runs cfg: `python gpt.py`, its --recipe, and --name=value for every setting that differs."""
     start = starting_point({"recipe": cfg.recipe})
-    changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(start, f.name)}
-    flags = [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
-    return " ".join([f"python {script}", *([f"--recipe={cfg.recipe}"] if cfg.recipe else []), *flags])
+    words = [f"python {script}"]
+    if cfg.recipe:
+        words.append(f"--recipe={cfg.recipe}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != getattr(start, f.name):
+            words.append(f"--{f.name}={value:g}" if type(value) is float else f"--{f.name}={value}")
+    return " ".join(words)
 
 
 def starting_point(overrides, defaults=None):
@@ -502,8 +509,9 @@ def starting_point(overrides, defaults=None):
 
 def check_config(cfg):
     """Refuse settings that cannot work, before anything is read or written."""
-    ones = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters gradient_accumulation_steps"
-    at_least = {1: f"{ones} max_new_tokens num_samples", 0: "warmup_iters weight_decay grad_clip eval_sample"}
+    ones = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters"
+    ones += " gradient_accumulation_steps max_new_tokens num_samples"
+    at_least = {1: ones, 0: "warmup_iters weight_decay grad_clip eval_sample"}
     for least, names in at_least.items():
         for name in names.split():
             if getattr(cfg, name) < least:
@@ -514,7 +522,8 @@ def check_config(cfg):
     if not cfg.learning_rate > 0:
         raise UserError(f"--learning_rate must be above 0, got {cfg.learning_rate}")
     if not 0 <= cfg.min_lr <= cfg.learning_rate:
-        raise UserError(f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
+        between = f"between 0 and --learning_rate ({cfg.learning_rate})"
+        raise UserError(f"--min_lr must be {between}, got {cfg.min_lr}")
     for name in ("dropout", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
@@ -563,7 +572,8 @@ def settings(overrides, defaults=None, world_size=1):
 
 def say_what_changed(ckpt, cfg, overrides, world_size):
     """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
-    given = {k: getattr(cfg, k) for k in overrides.keys() - {"device", "resume", "out_dir"}}  # now, on the command line
+    # the settings given now, on the command line
+    given = {k: getattr(cfg, k) for k in overrides.keys() - {"device", "resume", "out_dir"}}
     said = [f"{k} {given[k]} (was {v})" for k, v in ckpt["config"].items() if k in given and given[k] != v]
     if ckpt.get("world_size", world_size) != world_size:
         sequences = f"{world_size * cfg.batch_size * cfg.gradient_accumulation_steps} sequences a step"
