@@ -660,9 +660,11 @@ def read_corpus(path="", chars=None, chunk_size=1 << 22):
         advice = "use a text without them, or train a new model (no --resume, no --init_from)"
         raise UserError(f"{path} has {len(missing)} character(s) the model never saw: {shown}; {advice}")
     chars = chars or found
-    lookup = np.zeros(0x110000, np.uint8 if len(chars) <= 256 else np.int16 if len(chars) <= 2**15 else np.int32)
+    dtype = np.uint8 if len(chars) <= 256 else np.int16 if len(chars) <= 2**15 else np.int32
+    lookup = np.zeros(0x110000, dtype)  # code point -> id
     lookup[[ord(c) for c in chars]] = np.arange(len(chars))
-    ids, start = np.empty(counts.sum(), lookup.dtype), 0
+    ids = np.empty(counts.sum(), dtype)
+    start = 0
     for points in code_points(path, chunk_size):
         ids[start : start + len(points)] = lookup[points]
         start += len(points)
@@ -776,7 +778,8 @@ def set_aside(out_dir):
     for f in files:
         f.rename(folder / f.name)
     names = ", ".join(f.name for f in files)
-    print(f"note: {out_dir} held an earlier run; its {names} moved to {folder} (sample it with --out_dir={folder})")
+    sample = f"sample it with --out_dir={folder}"
+    print(f"note: {out_dir} held an earlier run; its {names} moved to {folder} ({sample})")
 
 
 def lock_out_dir(out_dir):
@@ -808,12 +811,13 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    instead = "use --device=cpu (or leave it auto)"
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda, but this machine has no CUDA GPU; use --device=cpu (or leave it auto)")
+        raise UserError(f"--device=cuda, but this machine has no CUDA GPU; {instead}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # cuda:N, N too large
         raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps, but Apple's MPS is not available here; use --device=cpu (or leave it auto)")
+        raise UserError(f"--device=mps, but Apple's MPS is not available here; {instead}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device={name} is not supported; use auto, cpu, cuda or mps")
     return device
