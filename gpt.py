@@ -973,13 +973,19 @@ class Run(Machine):
         device = overrides.get("device", starting_point(overrides, defaults).device)  # never a checkpoint's
         self.device, self.rank, self.world_size = setup_distributed(device)
         self.cfg, self.ckpt, self.init = settings(overrides, defaults, self.world_size)
-        self.master, self.files, self.overrides = self.rank == 0, files, overrides  # rank 0 alone prints and writes
-        self.out_dir, self.lock, self.stop = Path(self.cfg.out_dir), None, None
+        self.master = self.rank == 0  # rank 0 alone prints and writes
+        self.files = files
+        self.overrides = overrides
+        self.out_dir = Path(self.cfg.out_dir)
+        self.lock = None
+        self.stop = None
         self.vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
-        self.t_start = time.time() - (self.ckpt["elapsed_s"] if self.ckpt else 0.0)  # with the runs it continues
+        elapsed = self.ckpt["elapsed_s"] if self.ckpt else 0.0  # the time of the runs it continues
+        self.t_start = time.time() - elapsed
         if self.ckpt and self.master:
             say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
-        if self.master and files and self.out_dir.is_dir():  # in use? say so now, not after minutes of compiling
+        # out_dir in use? say so now, not after minutes of compiling
+        if self.master and files and self.out_dir.is_dir():
             self.lock = lock_out_dir(self.out_dir)
 
     def __enter__(self):
