@@ -1055,15 +1055,19 @@ class Run(Machine):
     def check_text_and_prompt(self):
         """Refuse a text too short for a window of validation, or a prompt with characters the model does not know,
         now rather than after training. The samples' prompt: where the text has no newline, its first character."""
-        cfg, tokenizer, splits = self.cfg, self.tokenizer, self.splits
-        if len(splits["val"]) <= cfg.block_size:
-            n = len(splits["train"]) + len(splits["val"])
+        cfg = self.cfg
+        train = self.splits["train"]
+        val = self.splits["val"]
+        if len(val) <= cfg.block_size:
+            n = len(train) + len(val)
             why = f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}"
             too_few = f"{cfg.data or DEFAULT_DATA} has {n} characters: too few for block_size {why}"
             raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
-        if "prompt" in self.overrides:
-            encode_prompt(tokenizer, cfg.prompt)
-        return cfg.prompt if set(cfg.prompt) <= tokenizer.stoi.keys() else tokenizer.chars[int(splits["train"][0])]
+        if "prompt" in self.overrides:  # one the user gave: refused if the text lacks any of its characters
+            encode_prompt(self.tokenizer, cfg.prompt)
+        if set(cfg.prompt) <= self.tokenizer.stoi.keys():
+            return cfg.prompt
+        return self.tokenizer.chars[int(train[0])]  # the default, a newline, in a text that has none
 
     def restore(self, ckpt):
         """Go on from a checkpoint: its weights, AdamW's moments, the loss scale, the random states and the step."""
