@@ -1077,18 +1077,21 @@ class Run(Machine):
         self.optimizer.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": this_run})
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
-        rng, here = ckpt["rng"], self.device.type
+        rng = ckpt["rng"]
+        here = self.device.type
         if rng.get("device", here) == here and rng["batches"].numel() == self.batches.get_state().numel():
             self.batches.set_state(rng["batches"])
         else:  # each kind of device has a generator of its own kind
             self.batches.manual_seed(self.cfg.seed + ckpt["step"])
-            saved = f"warning: the checkpoint was saved on {rng.get('device', 'another device')} and resumes on {here}"
-            self.log(f"{saved}: the batches are drawn afresh and will not replay exactly those of an unbroken run")
+            there = rng.get("device", "another device")
+            afresh = "the batches are drawn afresh and will not replay exactly those of an unbroken run"
+            self.log(f"warning: the checkpoint was saved on {there} and resumes on {here}: {afresh}")
         torch.set_rng_state(rng["torch"])
         if here == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.start_step, self.best_val = ckpt["step"], ckpt["best_val"]
-        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])  # behind the step if a Ctrl-C cut it short
+        # evaluated_step: behind the step if a Ctrl-C cut its evaluation short
+        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])
 
     @contextlib.contextmanager
     def forward(self, last=True):
@@ -1104,14 +1107,16 @@ class Run(Machine):
         """Everything needed to go on from `step`, saved as out_dir/name by rank 0."""
         if not (self.master and self.files):
             return
-        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "device": self.device.type}
-        if self.device.type == "cuda":
+        here = self.device.type
+        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "device": here}
+        if here == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
         state |= {"scaler": self.scaler.state_dict()}  # float16's loss scale: a resumed run goes on with it
-        state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars, "step": step, "best_val": self.best_val}
-        state |= {"evaluated_step": self.evaluated_step, "elapsed_s": time.time() - self.t_start}
-        state |= {"world_size": self.world_size}  # a resume with another number says so: the batch changes with it
+        state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars}
+        state |= {"step": step, "best_val": self.best_val, "evaluated_step": self.evaluated_step}
+        state |= {"elapsed_s": time.time() - self.t_start}
+        state |= {"world_size": self.world_size}  # a resume with another number says so (the batch changes)
         save_checkpoint(self.out_dir / name, state)
 
     def evaluate(self, step, estimate):
@@ -1142,11 +1147,14 @@ class Run(Machine):
         """The progress line, the line of text under it, a row of metrics.jsonl; ckpt.pt if val is the best yet.
         Then the clock of the training steps goes on: ms/it leaves out the evaluation and the save."""
         cfg, ms = self.cfg, self.ms_per_iter
-        self.losses, eval_s = losses, time.time() - self.t_eval
-        line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
+        self.losses = losses
+        eval_s = time.time() - self.t_eval
+        both = f"train {losses['train']:.4f} | val {losses['val']:.4f}"
+        line = f"step {step}/{cfg.max_iters} | {both} | lr {lr:.1e}"
         if ms:
-            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
-            line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
+            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens a ms: k tokens a s
+            if self.peak:
+                line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%"
             left = cfg.max_iters - step
             line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * eval_s)}"
         self.log(line, flush=True)
@@ -1177,16 +1185,20 @@ class Run(Machine):
             dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
         step = self.first_bad.item()  # waits for the GPU: called only where the loop stops anyway
         if step < NONE:
-            causes = "a learning rate too high (lower --learning_rate, keep --grad_clip on) or too little precision"
-            kept = f"(try --dtype=float32); the last good checkpoint in {self.out_dir}/ is kept"
-            raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
+            stopped = f"the loss was not finite at step {step}: training stopped"
+            too_high = "a learning rate too high (lower --learning_rate, keep --grad_clip on)"
+            too_coarse = "too little precision (try --dtype=float32)"
+            kept = f"the last good checkpoint in {self.out_dir}/ is kept"
+            raise UserError(f"{stopped}. Likely causes: {too_high} or {too_coarse}; {kept}")
 
     def interrupted(self, step):
         """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
         self.check_finite()  # never save a model that has already blown up
         self.save("last.pt", step)
-        self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
-        return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)  # the last: another process's, unknown
+        saved = f"saved {self.out_dir / 'last.pt'}; continue with --resume"
+        self.log(f"interrupted at step {step}: {saved}", flush=True)
+        # the signal this process got, else the one another process got, else (its number unknown here) SIGTERM
+        return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)
 
     def best_model(self):
         """After the last step: the best model, from ckpt.pt, to write a sample (rank 0; the other processes are done:
@@ -1197,7 +1209,8 @@ class Run(Machine):
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
         if self.losses is None:  # resumed a finished run: nothing was evaluated in this one
             self.losses = estimate_loss(self.raw_model, self.splits, self.cfg, self)
-        self.wall, self.stop.at_once = time.time() - self.t_start, True
+        self.wall = time.time() - self.t_start
+        self.stop.at_once = True
         best = load_checkpoint(self.out_dir / "ckpt.pt")
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
         torch.manual_seed(self.cfg.seed)
@@ -1206,7 +1219,8 @@ class Run(Machine):
     def finish(self):
         """The line that sums the run up (rank 0), and the exit status."""
         if self.master:
-            summary = f"train {self.losses['train']:.4f} | val {self.losses['val']:.4f} | best val {self.best_val:.4f}"
+            both = f"train {self.losses['train']:.4f} | val {self.losses['val']:.4f}"
+            summary = f"{both} | best val {self.best_val:.4f}"
             wall = f"wall {format_duration(self.wall)} ({self.wall:.1f}s)"
             print(f"\nfinal: {summary} | {wall} | checkpoint {self.out_dir}/ckpt.pt")
         return 0
