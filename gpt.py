@@ -1293,17 +1293,21 @@ def stop_group():
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
 # A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32, plain float32), for MFU; by the
 # card's name as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100.
-PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67), "H100 PCIE": (756, 378, 51)}
-PEAK_TFLOPS |= {"H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60), "A100 PCIE": (312, 156, 19.5)}
-PEAK_TFLOPS |= {"A100": (312, 156, 19.5), "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3)}
-PEAK_TFLOPS |= {"A10": (125, 62.5, 31.2), "RTX 4090": (165, 83, 82.6), "RTX 3090": (71, 36, 35.6)}
-PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65, 8.1, 8.1)}  # no TF32 before A100
+PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67)}
+PEAK_TFLOPS |= {"H100 PCIE": (756, 378, 51), "H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60)}
+PEAK_TFLOPS |= {"A100": (312, 156, 19.5), "A100 PCIE": (312, 156, 19.5), "A10": (125, 62.5, 31.2)}
+PEAK_TFLOPS |= {"L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3)}
+PEAK_TFLOPS |= {"RTX 4090": (165, 83, 82.6), "RTX 3090": (71, 36, 35.6)}
+# no TF32 before the A100: the middle figure is plain float32's
+PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65, 8.1, 8.1)}
 
 
 def peak_flops(device, dtype):
     """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards). float32 runs in
     TF32 unless --dtype=float32 turned it off (precision): then at the plain float32 rate, often 7x slower."""
-    words = torch.cuda.get_device_name(device).upper().replace("-", " ").split() if device.type == "cuda" else []
+    if device.type != "cuda":
+        return None
+    words = torch.cuda.get_device_name(device).upper().replace("-", " ").split()
     card = " ".join(w for w in words if not re.fullmatch(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\w*|SXM\d*", w))
     column = 0 if dtype != torch.float32 else 1 if torch.backends.cuda.matmul.allow_tf32 else 2
     return 1e12 * PEAK_TFLOPS[card][column] if card in PEAK_TFLOPS else None
