@@ -673,7 +673,7 @@ def read_corpus(path="", chars=None, chunk_size=1 << 22):
 
 def code_points(path, chunk_size):
     """The characters of a UTF-8 file as numpy arrays of their Unicode code points, chunk_size characters at a time."""
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": a "\r\n" stays two characters
+    with open(path, encoding="utf-8", newline="\n") as f:  # newline="\n": no newline translated, "\r\n" as is
         try:
             while text := f.read(chunk_size):
                 if text.isascii():  # a character is a byte
