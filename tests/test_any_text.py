@@ -62,6 +62,7 @@ def test_chunks_that_cut_a_character_in_two_read_as_the_whole_file(chunk_size, t
         (b"abc" * 10 + b"\xff" + b"def", 0xFF, 30),  # not UTF-8 anywhere
         ("é".encode() * 5 + b"\xc3(", 0xC3, 10),  # a character's first byte, then no second
         ("ab中".encode() + "中".encode()[:2], 0xE4, 5),  # cut short at the end of the file
+        (b"a" * 8190 + "中".encode()[:2] + b"(", 0xE4, 8190),  # begun in one read of the file, not ended in the next
     ],
 )
 def test_a_file_that_is_not_utf8_is_named_with_the_offset_of_its_first_bad_byte(
