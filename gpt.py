@@ -1152,7 +1152,8 @@ class Run(Machine):
         both = f"train {losses['train']:.4f} | val {losses['val']:.4f}"
         line = f"step {step}/{cfg.max_iters} | {both} | lr {lr:.1e}"
         if ms:
-            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens a ms: k tokens a s
+            # tokens per ms = k tokens per s
+            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"
             if self.peak:
                 line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%"
             left = cfg.max_iters - step
