@@ -48,11 +48,12 @@ MIXED = "Ça va? 中文，日本語。Emoji 🎭 and ASCII.\n" * 50 + "naïve ca
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64, 1 << 22])
 def test_chunks_that_cut_a_character_in_two_read_as_the_whole_file(chunk_size, tmp_path):
+    """chunk_size characters at a time, from reads of the file that cut characters in two (20 KB: past 16,384 bytes)."""
     path = tmp_path / "mixed.txt"
-    path.write_bytes(MIXED.encode("utf-8"))
+    path.write_bytes((MIXED * 8).encode("utf-8"))
     chars, ids = gpt.read_corpus(str(path), chunk_size=chunk_size)
     assert chars == "".join(sorted(set(MIXED)))
-    assert gpt.CharTokenizer(chars).decode(ids.tolist()) == MIXED
+    assert gpt.CharTokenizer(chars).decode(ids.tolist()) == MIXED * 8
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1 << 22])
