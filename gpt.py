@@ -13,7 +13,6 @@ Transformer learns to continue tiny Shakespeare one character at a time, then wr
 """
 
 import argparse
-import codecs
 import contextlib
 import hashlib
 import inspect
@@ -492,7 +491,8 @@ class _Parser(argparse.ArgumentParser):
 def _converter(kind):
     """argparse's converter for a field of this type: bool takes 1/0, true/false, yes/no, on/off; X | None also none."""
     base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
-    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    words = {"1": True, "true": True, "yes": True, "on": True}
+    words |= {"0": False, "false": False, "no": False, "off": False}
 
     def convert(text):
         if text.lower() == "none" and base is not kind:
@@ -522,7 +522,8 @@ def parse_overrides(argv, defaults=None):
 def knob_help(defaults):
     """Every knob with its default and its comment in the class that defines it (Config, or bench.py's own)."""
     script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "gpt.py"
-    lines = [f"usage: python {script} [--name=value ...]: any knob below, by its name; a boolean also as --name"]
+    usage = f"usage: python {script} [--name=value ...]"
+    lines = [f"{usage}: any knob below, by its name; a boolean also as --name"]
     for cls in reversed(type(defaults).__mro__[:-1]):  # Config's knobs first
         for line in inspect.getsource(cls).splitlines():
             if knob := re.fullmatch(r"    (\w+): .+?  # (.+)", line):
@@ -538,9 +539,14 @@ def knob_help(defaults):
 def command_line(cfg, script="gpt.py"):
     """The command that runs cfg: `python gpt.py`, its --recipe, and --name=value for every setting that differs."""
     start = starting_point({"recipe": cfg.recipe})
-    changed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(start, f.name)}
-    flags = [f"--{k}={v:g}" if type(v) is float else f"--{k}={v}" for k, v in changed.items()]
-    return " ".join([f"python {script}", *([f"--recipe={cfg.recipe}"] if cfg.recipe else []), *flags])
+    words = [f"python {script}"]
+    if cfg.recipe:
+        words.append(f"--recipe={cfg.recipe}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != getattr(start, f.name):
+            words.append(f"--{f.name}={value:g}" if type(value) is float else f"--{f.name}={value}")
+    return " ".join(words)
 
 
 def starting_point(overrides, defaults=None):
@@ -550,8 +556,9 @@ def starting_point(overrides, defaults=None):
 
 def check_config(cfg):
     """Refuse settings that cannot work, before anything is read or written."""
-    ones = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters gradient_accumulation_steps"
-    at_least = {1: f"{ones} max_new_tokens num_samples", 0: "warmup_iters weight_decay grad_clip eval_sample"}
+    ones = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters"
+    ones += " gradient_accumulation_steps max_new_tokens num_samples"
+    at_least = {1: ones, 0: "warmup_iters weight_decay grad_clip eval_sample"}
     for least, names in at_least.items():
         for name in names.split():
             if getattr(cfg, name) < least:
@@ -562,7 +569,8 @@ def check_config(cfg):
     if not cfg.learning_rate > 0:
         raise UserError(f"--learning_rate must be above 0, got {cfg.learning_rate}")
     if not 0 <= cfg.min_lr <= cfg.learning_rate:
-        raise UserError(f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
+        between = f"between 0 and --learning_rate ({cfg.learning_rate})"
+        raise UserError(f"--min_lr must be {between}, got {cfg.min_lr}")
     for name in ("dropout", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
@@ -633,7 +641,8 @@ def no_checkpoint_advice(cfg, overrides, defaults):
 
 def say_what_changed(ckpt, cfg, overrides, world_size):
     """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
-    given = {k: getattr(cfg, k) for k in overrides.keys() - {"device", "resume", "out_dir"}}  # now, on the command line
+    # the settings given now, on the command line
+    given = {k: getattr(cfg, k) for k in overrides.keys() - {"device", "resume", "out_dir"}}
     said = [f"{k} {given[k]} (was {v})" for k, v in ckpt["config"].items() if k in given and given[k] != v]
     if ckpt.get("world_size", world_size) != world_size:
         sequences = f"{world_size * cfg.batch_size * cfg.gradient_accumulation_steps} sequences a step"
@@ -661,6 +670,16 @@ def write_atomically(path, write):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already when the rename happened
+
+
+@contextlib.contextmanager
+def disk_errors(what, then="name a folder you can write to"):
+    """An OSError within (a full disk, a folder that cannot be written to) as the user's error, one line:
+    `{what} ({the system's reason}); {then}`."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{what} ({e.strerror or e}); {then}") from None
 
 
 def download(path, url=DATA_URL, sha256=DATA_SHA256, timeout=30):
@@ -710,9 +729,11 @@ def read_corpus(path="", chars=None, chunk_size=1 << 22):
         advice = "use a text without them, or train a new model (no --resume, no --init_from)"
         raise UserError(f"{path} has {len(missing)} character(s) the model never saw: {shown}; {advice}")
     chars = chars or found
-    lookup = np.zeros(0x110000, np.uint8 if len(chars) <= 256 else np.int16 if len(chars) <= 2**15 else np.int32)
+    dtype = np.uint8 if len(chars) <= 256 else np.int16 if len(chars) <= 2**15 else np.int32
+    lookup = np.zeros(0x110000, dtype)  # code point -> id
     lookup[[ord(c) for c in chars]] = np.arange(len(chars))
-    ids, start = np.empty(counts.sum(), lookup.dtype), 0
+    ids = np.empty(counts.sum(), dtype)
+    start = 0
     for points in code_points(path, chunk_size):
         ids[start : start + len(points)] = lookup[points]
         start += len(points)
@@ -720,32 +741,25 @@ def read_corpus(path="", chars=None, chunk_size=1 << 22):
 
 
 def code_points(path, chunk_size):
-    """The characters of a UTF-8 file as numpy arrays of their Unicode code points, a chunk of the file at a time."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_size)
-            held = decoder.getstate()[0]  # the first bytes of a character that the last chunk cut in two
-            if chunk and not held and chunk.isascii():  # a byte is a character
-                yield np.frombuffer(chunk, np.uint8)
-            else:
-                try:
-                    text = decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as e:
-                    where = f"byte {e.object[e.start]:#04x} at offset {offset - len(held) + e.start}"
-                    raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
-                yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
-            if not chunk:
-                return
-            offset += len(chunk)
+    """The characters of a UTF-8 file as numpy arrays of their Unicode code points, chunk_size characters at a time."""
+    with open(path, encoding="utf-8", newline="\n") as f:  # newline="\n": no newline translated, "\r\n" as is
+        try:
+            while text := f.read(chunk_size):
+                if text.isascii():  # a character is a byte
+                    yield np.frombuffer(text.encode("ascii"), np.uint8)
+                else:
+                    yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        except UnicodeDecodeError as e:
+            # e.object: the bytes being decoded (with any held over from the last read), which end where f.buffer is
+            offset = f.buffer.tell() - len(e.object) + e.start
+            where = f"byte {e.object[e.start]:#04x} at offset {offset}"
+            raise UserError(f"{path} is not UTF-8 text ({where}); convert it to UTF-8 first") from None
 
 
 def save_checkpoint(path, state):
-    try:
+    with disk_errors(f"could not write {path}", "the previous checkpoint is untouched"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(Path(path), lambda f: torch.save(state, f))
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is untouched") from None
 
 
 def load_checkpoint(path, advice="train first (python gpt.py), or point --out_dir at its folder"):
@@ -801,24 +815,24 @@ def prepare_out_dir(out_dir, resumed_step, lock=None):
     """Make out_dir and lock it (unless `lock` holds it already). A resumed run keeps the whole rows of metrics.jsonl up
     to its step (it redoes the rest; a crash may cut a row short); a new run sets an earlier run's files aside."""
     metrics = out_dir / "metrics.jsonl"
-    try:
+    with disk_errors(f"cannot write to --out_dir={out_dir}"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock, rows, damaged = lock or lock_out_dir(out_dir), [], 0
+        lock = lock or lock_out_dir(out_dir)
+        rows = []
+        damaged = 0
         if resumed_step is None:
             set_aside(out_dir)
-        resumed = resumed_step is not None and metrics.exists()
-        for line in metrics.read_text(errors="replace").splitlines() if resumed else []:
-            try:
-                if json.loads(line)["step"] <= resumed_step:
-                    rows.append(line)
-            except (ValueError, TypeError, KeyError):
-                damaged += 1
+        elif metrics.exists():
+            for line in metrics.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resumed_step:
+                        rows.append(line)
+                except (ValueError, TypeError, KeyError):
+                    damaged += 1
         if damaged:
-            print(f"warning: dropped {damaged} damaged line(s) of {metrics}, as a crash while writing leaves them")
+            why = "as a crash while writing leaves them"
+            print(f"warning: dropped {damaged} damaged line(s) of {metrics}, {why}")
         write_atomically(metrics, lambda f: f.write("".join(row + "\n" for row in rows).encode()))
-    except OSError as e:
-        advice = "name a folder you can write to"
-        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror or e}); {advice}") from None
     return lock
 
 
@@ -833,24 +847,27 @@ def set_aside(out_dir):
     for f in files:
         f.rename(folder / f.name)
     names = ", ".join(f.name for f in files)
-    print(f"note: {out_dir} held an earlier run; its {names} moved to {folder} (sample it with --out_dir={folder})")
+    sample = f"sample it with --out_dir={folder}"
+    print(f"note: {out_dir} held an earlier run; its {names} moved to {folder} ({sample})")
 
 
 def lock_out_dir(out_dir):
     """One training run per out_dir: an exclusive lock on out_dir/train.lock, which holds the process id. The
     operating system releases it when the process ends, however it ends (kill -9 too). Not on Windows."""
-    f = open(out_dir / "train.lock", "a+")  # kept open: closing it releases the lock
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        other = f.read().strip() or "unknown"
-        f.close()
-        advice = "wait for it to end or stop it, or train into another --out_dir"
-        raise UserError(f"--out_dir={out_dir} is in use by another training run (process {other}); {advice}") from None
-    f.truncate(0)
-    print(os.getpid(), file=f, flush=True)
+    with disk_errors(f"cannot write to --out_dir={out_dir}"):  # Run calls it before prepare_out_dir, too
+        f = open(out_dir / "train.lock", "a+")  # kept open: closing it releases the lock
+        try:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "unknown"
+            f.close()
+            in_use = f"--out_dir={out_dir} is in use by another training run (process {other})"
+            advice = "wait for it to end or stop it, or train into another --out_dir"
+            raise UserError(f"{in_use}; {advice}") from None
+        f.truncate(0)
+        print(os.getpid(), file=f, flush=True)
     return f
 
 
@@ -863,12 +880,13 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    instead = "use --device=cpu (or leave it auto)"
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda, but this machine has no CUDA GPU; use --device=cpu (or leave it auto)")
+        raise UserError(f"--device=cuda, but this machine has no CUDA GPU; {instead}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # cuda:N, N too large
         raise UserError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps, but Apple's MPS is not available here; use --device=cpu (or leave it auto)")
+        raise UserError(f"--device=mps, but Apple's MPS is not available here; {instead}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device={name} is not supported; use auto, cpu, cuda or mps")
     return device
@@ -1063,13 +1081,18 @@ class Run(Machine):
         device = overrides.get("device", starting_point(overrides, defaults).device)  # never a checkpoint's
         self.device, self.rank, self.world_size = setup_distributed(device)
         self.cfg, self.ckpt, self.init = settings(overrides, defaults, self.world_size)
-        self.master, self.files, self.overrides = self.rank == 0, files, overrides  # rank 0 alone prints and writes
-        self.out_dir, self.lock, self.stop = Path(self.cfg.out_dir), None, None
+        self.master = self.rank == 0  # rank 0 alone prints and writes
+        self.files = files
+        self.overrides = overrides
+        self.out_dir = Path(self.cfg.out_dir)
+        self.lock = None
+        self.stop = None
         self.vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
-        self.t_start = time.time() - (self.ckpt["elapsed_s"] if self.ckpt else 0.0)  # with the runs it continues
+        elapsed = self.ckpt["elapsed_s"] if self.ckpt else 0.0  # the time of the runs it continues
+        self.t_start = time.time() - elapsed
         if self.ckpt and self.master:
             say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
-        with all_or_none(self.world_size):  # in use? say so now, in every process, not after compiling
+        with all_or_none(self.world_size):  # out_dir in use? say so now, in every process, not after compiling
             if self.master and files and self.out_dir.is_dir():
                 self.lock = lock_out_dir(self.out_dir)
 
@@ -1147,15 +1170,19 @@ class Run(Machine):
     def check_text_and_prompt(self):
         """Refuse a text too short for a window of validation, or a prompt with characters the model does not know,
         now rather than after training. The samples' prompt: where the text has no newline, its first character."""
-        cfg, tokenizer, splits = self.cfg, self.tokenizer, self.splits
-        if len(splits["val"]) <= cfg.block_size:
-            n = len(splits["train"]) + len(splits["val"])
+        cfg = self.cfg
+        train = self.splits["train"]
+        val = self.splits["val"]
+        if len(val) <= cfg.block_size:
+            n = len(train) + len(val)
             why = f"{cfg.block_size}, since its last 10% (validation) needs at least {cfg.block_size + 1}"
             too_few = f"{cfg.data or DEFAULT_DATA} has {n} characters: too few for block_size {why}"
             raise UserError(f"{too_few}; use a longer text or a smaller --block_size")
-        if "prompt" in self.overrides:
-            encode_prompt(tokenizer, cfg.prompt)
-        return cfg.prompt if set(cfg.prompt) <= tokenizer.stoi.keys() else tokenizer.chars[int(splits["train"][0])]
+        if "prompt" in self.overrides:  # one the user gave: refused if the text lacks any of its characters
+            encode_prompt(self.tokenizer, cfg.prompt)
+        if set(cfg.prompt) <= self.tokenizer.stoi.keys():
+            return cfg.prompt
+        return self.tokenizer.chars[int(train[0])]  # the default, a newline, in a text that has none
 
     def restore(self, ckpt):
         """Go on from a checkpoint: its weights, AdamW's moments, the loss scale, the random states and the step."""
@@ -1165,18 +1192,21 @@ class Run(Machine):
         self.optimizer.load_state_dict({"state": ckpt["optimizer"]["state"], "param_groups": this_run})
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
-        rng, here = ckpt["rng"], self.device.type
+        rng = ckpt["rng"]
+        here = self.device.type
         if rng.get("device", here) == here and rng["batches"].numel() == self.batches.get_state().numel():
             self.batches.set_state(rng["batches"])
         else:  # each kind of device has a generator of its own kind
             self.batches.manual_seed(self.cfg.seed + ckpt["step"])
-            saved = f"warning: the checkpoint was saved on {rng.get('device', 'another device')} and resumes on {here}"
-            self.log(f"{saved}: the batches are drawn afresh and will not replay exactly those of an unbroken run")
+            there = rng.get("device", "another device")
+            afresh = "the batches are drawn afresh and will not replay exactly those of an unbroken run"
+            self.log(f"warning: the checkpoint was saved on {there} and resumes on {here}: {afresh}")
         torch.set_rng_state(rng["torch"])
         if here == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.start_step, self.best_val = ckpt["step"], ckpt["best_val"]
-        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])  # behind the step if a Ctrl-C cut it short
+        # evaluated_step: behind the step if a Ctrl-C cut its evaluation short
+        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])
 
     @contextlib.contextmanager
     def forward(self, last=True):
@@ -1194,14 +1224,16 @@ class Run(Machine):
         """Everything needed to go on from `step`, saved as out_dir/name by rank 0."""
         if not (self.master and self.files):
             return
-        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "device": self.device.type}
-        if self.device.type == "cuda":
+        here = self.device.type
+        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "device": here}
+        if here == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
         state |= {"scaler": self.scaler.state_dict()}  # float16's loss scale: a resumed run goes on with it
-        state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars, "step": step, "best_val": self.best_val}
-        state |= {"evaluated_step": self.evaluated_step, "elapsed_s": time.time() - self.t_start}
-        state |= {"world_size": self.world_size}  # a resume with another number says so: the batch changes with it
+        state |= {"config": asdict(self.cfg), "vocab": self.tokenizer.chars}
+        state |= {"step": step, "best_val": self.best_val, "evaluated_step": self.evaluated_step}
+        state |= {"elapsed_s": time.time() - self.t_start}
+        state |= {"world_size": self.world_size}  # a resume with another number says so (the batch changes)
         save_checkpoint(self.out_dir / name, state)
 
     def evaluate(self, step, estimate):
@@ -1232,11 +1264,15 @@ class Run(Machine):
         """The progress line, the line of text under it, a row of metrics.jsonl; ckpt.pt if val is the best yet.
         Then the clock of the training steps goes on: ms/it leaves out the evaluation and the save."""
         cfg, ms = self.cfg, self.ms_per_iter
-        self.losses, eval_s = losses, time.time() - self.t_eval
-        line = f"step {step}/{cfg.max_iters} | train {losses['train']:.4f} | val {losses['val']:.4f} | lr {lr:.1e}"
+        self.losses = losses
+        eval_s = time.time() - self.t_eval
+        both = f"train {losses['train']:.4f} | val {losses['val']:.4f}"
+        line = f"step {step}/{cfg.max_iters} | {both} | lr {lr:.1e}"
         if ms:
-            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms = k tokens per s
-            line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%" if self.peak else ""
+            # tokens per ms = k tokens per s
+            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"
+            if self.peak:
+                line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%"
             left = cfg.max_iters - step
             line += f" | eta {format_duration(left * ms / 1000 + left // cfg.eval_interval * eval_s)}"
         self.log(line, flush=True)
@@ -1245,14 +1281,12 @@ class Run(Machine):
         row = dict(step=step, train_loss=round(losses["train"], 4), val_loss=round(losses["val"], 4))
         row |= dict(lr=float(f"{lr:.6g}"), elapsed_s=round(time.time() - self.t_start, 2))
         row |= dict(ms_per_iter=ms and round(ms, 2), sample=self.text)
-        with all_or_none(self.world_size):
-            try:
-                if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
-                    with open(self.out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-            except OSError as e:
-                kept = f"({e.strerror or e}); the checkpoints beside it are kept"
-                raise UserError(f"could not write {self.out_dir / 'metrics.jsonl'} {kept}") from None
+        with all_or_none(self.world_size):  # rank 0 writes; an error there stops every process
+            if self.master and self.files:  # one line of JSON per evaluation, for plots and scripts
+                metrics = self.out_dir / "metrics.jsonl"
+                kept = "the checkpoints beside it are kept"
+                with disk_errors(f"could not write {metrics}", kept), open(metrics, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             if losses["val"] < self.best_val:
                 self.best_val = losses["val"]
                 self.save("ckpt.pt", step)
@@ -1270,17 +1304,21 @@ class Run(Machine):
             dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
         step = self.first_bad.item()  # waits for the GPU: called only where the loop stops anyway
         if step < NONE:
-            causes = "a learning rate too high (lower --learning_rate, keep --grad_clip on) or too little precision"
-            kept = f"(try --dtype=float32); the last good checkpoint in {self.out_dir}/ is kept"
-            raise UserError(f"the loss was not finite at step {step}: training stopped. Likely causes: {causes} {kept}")
+            stopped = f"the loss was not finite at step {step}: training stopped"
+            too_high = "a learning rate too high (lower --learning_rate, keep --grad_clip on)"
+            too_coarse = "too little precision (try --dtype=float32)"
+            kept = f"the last good checkpoint in {self.out_dir}/ is kept"
+            raise UserError(f"{stopped}. Likely causes: {too_high} or {too_coarse}; {kept}")
 
     def interrupted(self, step):
         """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
         self.check_finite()  # never save a model that has already blown up
         with all_or_none(self.world_size):
             self.save("last.pt", step)
-        self.log(f"interrupted at step {step}: saved {self.out_dir / 'last.pt'}; continue with --resume", flush=True)
-        return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)  # the last: another process's, unknown
+        saved = f"saved {self.out_dir / 'last.pt'}; continue with --resume"
+        self.log(f"interrupted at step {step}: {saved}", flush=True)
+        # the signal this process got, else the one another process got, else (its number unknown here) SIGTERM
+        return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)
 
     def best_model(self):
         """After the last step: the best model, from ckpt.pt, to write a sample (rank 0; the other processes are done:
@@ -1291,7 +1329,8 @@ class Run(Machine):
         (self.out_dir / "last.pt").unlink(missing_ok=True)  # the run got past the interrupt it resumed from
         if self.losses is None:  # resumed a finished run: nothing was evaluated in this one
             self.losses = estimate_loss(self.raw_model, self.splits, self.cfg, self)
-        self.wall, self.stop.at_once = time.time() - self.t_start, True
+        self.wall = time.time() - self.t_start
+        self.stop.at_once = True
         best = load_checkpoint(self.out_dir / "ckpt.pt")
         print(f"\nsample from the best model (step {best['step']}, val {best['best_val']:.4f}):")
         torch.manual_seed(self.cfg.seed)
@@ -1300,7 +1339,8 @@ class Run(Machine):
     def finish(self):
         """The line that sums the run up (rank 0), and the exit status."""
         if self.master:
-            summary = f"train {self.losses['train']:.4f} | val {self.losses['val']:.4f} | best val {self.best_val:.4f}"
+            both = f"train {self.losses['train']:.4f} | val {self.losses['val']:.4f}"
+            summary = f"{both} | best val {self.best_val:.4f}"
             wall = f"wall {format_duration(self.wall)} ({self.wall:.1f}s)"
             print(f"\nfinal: {summary} | {wall} | checkpoint {self.out_dir}/ckpt.pt")
         return 0
@@ -1378,17 +1418,21 @@ def stop_group():
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
 # A card's peak dense matrix throughput in TFLOP/s (bfloat16/float16, float32 as TF32, plain float32), for MFU; by the
 # card's name as the driver gives it, less the maker, memory and form factor words: "NVIDIA H100 80GB HBM3" is the H100.
-PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67), "H100 PCIE": (756, 378, 51)}
-PEAK_TFLOPS |= {"H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60), "A100 PCIE": (312, 156, 19.5)}
-PEAK_TFLOPS |= {"A100": (312, 156, 19.5), "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3)}
-PEAK_TFLOPS |= {"A10": (125, 62.5, 31.2), "RTX 4090": (165, 83, 82.6), "RTX 3090": (71, 36, 35.6)}
-PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65, 8.1, 8.1)}  # no TF32 before A100
+PEAK_TFLOPS = {"H100": (989, 494, 67), "H200": (989, 494, 67), "GH200": (989, 494, 67)}
+PEAK_TFLOPS |= {"H100 PCIE": (756, 378, 51), "H100 NVL": (835, 418, 60), "H200 NVL": (835, 418, 60)}
+PEAK_TFLOPS |= {"A100": (312, 156, 19.5), "A100 PCIE": (312, 156, 19.5), "A10": (125, 62.5, 31.2)}
+PEAK_TFLOPS |= {"L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3)}
+PEAK_TFLOPS |= {"RTX 4090": (165, 83, 82.6), "RTX 3090": (71, 36, 35.6)}
+# no TF32 before the A100: the middle figure is plain float32's
+PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65, 8.1, 8.1)}
 
 
 def peak_flops(device, dtype):
     """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards). float32 runs in
     TF32 unless --dtype=float32 turned it off (precision): then at the plain float32 rate, often 7x slower."""
-    words = torch.cuda.get_device_name(device).upper().replace("-", " ").split() if device.type == "cuda" else []
+    if device.type != "cuda":
+        return None
+    words = torch.cuda.get_device_name(device).upper().replace("-", " ").split()
     card = " ".join(w for w in words if not re.fullmatch(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\w*|SXM\d*", w))
     column = 0 if dtype != torch.float32 else 1 if torch.backends.cuda.matmul.allow_tf32 else 2
     return 1e12 * PEAK_TFLOPS[card][column] if card in PEAK_TFLOPS else None

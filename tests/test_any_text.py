@@ -48,11 +48,12 @@ MIXED = "Ça va? 中文，日本語。Emoji 🎭 and ASCII.\n" * 50 + "naïve ca
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64, 1 << 22])
 def test_chunks_that_cut_a_character_in_two_read_as_the_whole_file(chunk_size, tmp_path):
+    """chunk_size characters at a time, from reads of the file that cut characters in two (20 KB: past 16,384 bytes)."""
     path = tmp_path / "mixed.txt"
-    path.write_bytes(MIXED.encode("utf-8"))
+    path.write_bytes((MIXED * 8).encode("utf-8"))
     chars, ids = gpt.read_corpus(str(path), chunk_size=chunk_size)
     assert chars == "".join(sorted(set(MIXED)))
-    assert gpt.CharTokenizer(chars).decode(ids.tolist()) == MIXED
+    assert gpt.CharTokenizer(chars).decode(ids.tolist()) == MIXED * 8
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1 << 22])
@@ -62,6 +63,7 @@ def test_chunks_that_cut_a_character_in_two_read_as_the_whole_file(chunk_size, t
         (b"abc" * 10 + b"\xff" + b"def", 0xFF, 30),  # not UTF-8 anywhere
         ("é".encode() * 5 + b"\xc3(", 0xC3, 10),  # a character's first byte, then no second
         ("ab中".encode() + "中".encode()[:2], 0xE4, 5),  # cut short at the end of the file
+        (b"a" * 8190 + "中".encode()[:2] + b"(", 0xE4, 8190),  # begun in one read of the file, not ended in the next
     ],
 )
 def test_a_file_that_is_not_utf8_is_named_with_the_offset_of_its_first_bad_byte(

@@ -356,6 +356,21 @@ def test_an_out_dir_that_cannot_be_made(tmp_path, corpus, capsys):
     assert message == f"cannot write to --out_dir={out_dir} (Not a directory); name a folder you can write to"
 
 
+def test_an_out_dir_that_exists_but_cannot_be_written_to(tmp_path, corpus, monkeypatch, capsys):
+    """A read-only folder: its lock cannot be made, which the run finds before it builds anything."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if mode != "r":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(gpt, "open", read_only, raising=False)  # as chmod 555 would, even for root
+    message = refused(capsys, [*TRAIN, f"--data={corpus}", f"--out_dir={out_dir}"], tmp_path)
+    assert message == f"cannot write to --out_dir={out_dir} (Permission denied); name a folder you can write to"
+
+
 def test_disk_full_while_writing_metrics(tmp_path, corpus, monkeypatch, capsys):
     """The first evaluation's line is written; the second one fails: one error line, the checkpoint kept."""
     out_dir = tmp_path / "out"
