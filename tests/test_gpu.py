@@ -21,11 +21,11 @@ import pytest
 import torch
 from conftest import TINY, interrupt_during_step, run_script, trained_once
 from test_distributed import INTERRUPTED, SETTINGS, Run, interrupt_when_training, metrics, progress_steps
-from test_gpu_ready_round2 import optimizer_of_each_step
 from test_kvcache import BS, plain_last_logits, rule_windows
 from test_kvcache import generate as generate_recorded
 from test_kvcache import make_model as confident_model
 from test_look import KNOBS, look
+from test_resume_settings_and_gpu_errors import optimizer_of_each_step
 
 import gpt
 
