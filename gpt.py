@@ -1088,14 +1088,15 @@ class Run(Machine):
         if compiled_s:
             self.note(cfg.gradient_accumulation_steps * compiled_s, self.model, self.dtype)
         elif self.master and not self.ckpt:
-            self.time_step(self.dtype)  # the first step timed gives the note
+            self.time_step(self.dtype, steps=2)  # gives the note: for it alone, a rough figure will do
 
-    def time_step(self, dtype):
+    def time_step(self, dtype, steps=10):
         """A training step's seconds in dtype (seconds_per_step), timed once, by rank 0 alone. The first one
         timed gives the note on a long run: with auto on a CPU, float32's, before bfloat16's trial."""
         if dtype not in self.step_s:
             autocast = autocast_to(self.device, dtype)
-            self.step_s[dtype] = seconds_per_step(self.raw_model, self.optimizer, self.cfg, self, autocast)
+            model, optimizer = self.raw_model, self.optimizer
+            self.step_s[dtype] = seconds_per_step(model, optimizer, self.cfg, self, autocast, steps)
             self.note(self.step_s[dtype], self.raw_model, dtype)
         return self.step_s[dtype]
 

@@ -73,8 +73,8 @@ def test_the_dtype_trial_leaves_training_exactly_as_float32_would_have_it(corpus
     assert gpt.main([*args, f"--out_dir={tmp_path / 'float32'}"]) == 0
     timed, real = [], gpt.seconds_per_step
 
-    def slow_bfloat16(model, optimizer, cfg, run, autocast):
-        seconds = real(model, optimizer, cfg, run, autocast)  # real steps, with AdamW, in that dtype
+    def slow_bfloat16(model, optimizer, cfg, run, autocast, steps):
+        seconds = real(model, optimizer, cfg, run, autocast, steps)  # real steps, with AdamW, in that dtype
         timed.append(getattr(autocast, "fast_dtype", torch.float32))
         return seconds * (3 if timed[-1] == torch.bfloat16 else 1) + (1.0 if timed[-1] == torch.bfloat16 else 0)
 
