@@ -23,7 +23,6 @@ import math
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -894,29 +893,29 @@ class Trial(Machine):
 
 def seconds_per_step(model, optimizer, cfg, run, autocast, steps=10, window=1.0):
     """Seconds of a training step as train_step takes it (forward and backward of each micro-batch, clipping,
-    AdamW), after one that warms up (AdamW makes its moments, the allocator its pools): the median of `steps`
-    timed ones, or of fewer where they fill `window` seconds (a large model: one). Training goes on as if they
-    had not been: the weights, AdamW's state, the random numbers and the batch generator are put back."""
+    AdamW), after one that warms up (AdamW makes its moments, the allocator its pools): the mean of `steps` in
+    one window, as bench.py times them, or of fewer where they fill `window` seconds (a large model: one).
+    Training goes on as if they had not been: the weights, AdamW's state, the random numbers and the batch
+    generator are put back."""
     weights = copy.deepcopy(model.state_dict())
     moments = copy.deepcopy(optimizer.state_dict())
     batches = run.batches.get_state()
     trial = Trial(run.batches, autocast)
-    seconds = []
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            for _ in range(1 + steps):
-                synchronize(run.device)
-                t = time.perf_counter()
+            train_step(model, optimizer, run.splits["train"], cfg.learning_rate, cfg, trial)  # the warm-up
+            synchronize(run.device)
+            t = time.perf_counter()
+            timed = 0
+            while timed < steps and time.perf_counter() - t < window:  # at least one
                 train_step(model, optimizer, run.splits["train"], cfg.learning_rate, cfg, trial)
-                synchronize(run.device)
-                seconds.append(time.perf_counter() - t)
-                if sum(seconds[1:]) >= window:
-                    break
+                timed += 1
+            synchronize(run.device)
+            return (time.perf_counter() - t) / timed
     finally:
         model.load_state_dict(weights)
         optimizer.load_state_dict(moments)
         run.batches.set_state(batches)
-    return statistics.median(seconds[1:])
 
 
 def compile_model(model, cfg, run):
