@@ -827,11 +827,14 @@ CLEARLY_FASTER = 1.2  # bfloat16 changes the numerics: on a CPU auto takes it on
 
 def cpu_dtype(seconds_per_step):
     """precision's choice on a CPU (the gain depends on the model's size too), and why, for the header line.
-    float32 is timed first: a long run's note comes from it, before bfloat16's trial (as long again)."""
+    float32 is timed first: a long run's note comes from it, before bfloat16's trial (as long again). It is
+    timed again after bfloat16, and the faster of its two counts: a first window must not favour bfloat16."""
     if not cpu_has_bfloat16():
         return torch.float32, " (this CPU has no bfloat16 instructions)"
     float32 = seconds_per_step(torch.float32)
-    speedup = float32 / seconds_per_step(torch.bfloat16)
+    bfloat16 = seconds_per_step(torch.bfloat16)
+    float32 = min(float32, seconds_per_step(torch.float32))  # again: the first window may still be warming up
+    speedup = float32 / bfloat16
     if speedup >= CLEARLY_FASTER:
         return torch.bfloat16, f" ({speedup:.1f}x faster than float32 here)"
     if speedup > 1 / CLEARLY_FASTER:
@@ -1035,7 +1038,6 @@ class Run(Machine):
         if self.files:  # at once: what follows may time steps of the model for a minute
             self.log(self.plan(), flush=True)
         self.batches = torch.Generator(device).manual_seed(cfg.seed)  # alike in every process: one global batch
-        self.step_s = {}  # a training step's seconds by dtype, as time_step timed them
         self.noted = False  # whether the note on a long run was given
         self.dtype, self.autocast, self.scaler, why = precision(cfg, device, self.time_step, self.world_size)
         self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
@@ -1086,18 +1088,16 @@ class Run(Machine):
         self.log(f"batch {batch} = {per_iter} = {self.tokens_per_iter:,} tokens per iteration")
         if compiled_s:
             self.note(cfg.gradient_accumulation_steps * compiled_s, self.model, self.dtype)
-        elif self.master and not self.ckpt:
+        elif self.master and not self.ckpt and not self.noted:
             self.time_step(self.dtype, steps=2)  # gives the note: for it alone, a rough figure will do
 
     def time_step(self, dtype, steps=10):
-        """A training step's seconds in dtype (seconds_per_step), timed once, by rank 0 alone. The first one
-        timed gives the note on a long run: with auto on a CPU, float32's, before bfloat16's trial."""
-        if dtype not in self.step_s:
-            autocast = autocast_to(self.device, dtype)
-            model, optimizer = self.raw_model, self.optimizer
-            self.step_s[dtype] = seconds_per_step(model, optimizer, self.cfg, self, autocast, steps)
-            self.note(self.step_s[dtype], self.raw_model, dtype)
-        return self.step_s[dtype]
+        """A training step's seconds in dtype (seconds_per_step), timed by rank 0 alone. The first one timed
+        gives the note on a long run: with auto on a CPU, float32's, before bfloat16's trial."""
+        autocast = autocast_to(self.device, dtype)
+        seconds = seconds_per_step(self.raw_model, self.optimizer, self.cfg, self, autocast, steps)
+        self.note(seconds, self.raw_model, dtype)
+        return seconds
 
     def note(self, step_s, model, dtype):
         """Once, before a new run, if it will take long (over half an hour): its steps at step_s seconds each,

@@ -268,6 +268,22 @@ def test_auto_on_a_cpu_picks_bfloat16_only_where_it_trains_clearly_faster(
         assert (autocast.device, autocast.fast_dtype) == ("cpu", torch.bfloat16)
 
 
+def test_float32_is_timed_again_after_bfloat16_and_its_faster_window_counts(monkeypatch, tf32_flags):
+    """float32 goes first (the note comes from it), when the process has only just started: a first window still
+    slow from that must not make bfloat16 look faster than it is."""
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: True)
+    windows = iter([(torch.float32, 3.0), (torch.bfloat16, 2.0), (torch.float32, 2.2)])
+
+    def seconds(dtype):
+        expected, took = next(windows)
+        assert dtype == expected
+        return took
+
+    dtype, _, _, said = gpt.precision(gpt.Config(), CPU, seconds)
+    assert (dtype, said) == (torch.float32, " (bfloat16 about as fast here: 1.10x)")
+    assert next(windows, None) is None
+
+
 @pytest.mark.parametrize(("dtype", "scaled"), [("bfloat16", False), ("float16", True), ("float32", False)])
 def test_every_dtype_runs_on_any_cpu(dtype, scaled, monkeypatch, tf32_flags):
     monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: False)  # named, not picked: even where it is emulated
