@@ -14,6 +14,7 @@ Transformer learns to continue tiny Shakespeare one character at a time, then wr
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import inspect
 import json
@@ -895,7 +896,7 @@ def resolve_device(name):
 def precision(cfg, device, seconds_per_step, world_size=1):
     """The training dtype, an autocast context for the matrix products, float16's gradient scaler, and why auto chose
     the dtype. auto: bfloat16 on CUDA cards from compute capability 8.0, float16 on older ones, float32 on Apple's MPS;
-    on a CPU, bfloat16 only where it trains this model faster than float32, timed by seconds_per_step(dtype)."""
+    on a CPU, bfloat16 only where a training step of this model is clearly faster in it (seconds_per_step)."""
     if cfg.dtype in ("bfloat16", "float16") and device.type == "mps":
         raise UserError(f"--dtype={cfg.dtype} is not supported on mps here; use --dtype=float32 (or leave it auto)")
     dtype, why = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype), ""
@@ -908,14 +909,24 @@ def precision(cfg, device, seconds_per_step, world_size=1):
     return dtype, autocast_to(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), why
 
 
+CLEARLY_FASTER = 1.2  # bfloat16 changes the numerics: on a CPU auto takes it only for at least this speed-up
+
+
 def cpu_dtype(seconds_per_step):
-    """precision's choice on a CPU (the gain depends on the model's size too), and why, for the header line."""
+    """precision's choice on a CPU (the gain depends on the model's size too), and why, for the header line.
+    float32 is timed first: a long run's note comes from it, before bfloat16's trial (as long again). It is
+    timed again after bfloat16, and the faster of its two counts: a first window must not favour bfloat16."""
     if not cpu_has_bfloat16():
         return torch.float32, " (this CPU has no bfloat16 instructions)"
-    float32, bfloat16 = seconds_per_step(torch.float32), seconds_per_step(torch.bfloat16)
-    if bfloat16 < float32:
-        return torch.bfloat16, f" ({float32 / bfloat16:.1f}x faster than float32 here)"
-    return torch.float32, f" (bfloat16 {bfloat16 / float32:.1f}x slower here)"
+    float32 = seconds_per_step(torch.float32)
+    bfloat16 = seconds_per_step(torch.bfloat16)
+    float32 = min(float32, seconds_per_step(torch.float32))  # again: the first window may still be warming up
+    speedup = float32 / bfloat16
+    if speedup >= CLEARLY_FASTER:
+        return torch.bfloat16, f" ({speedup:.1f}x faster than float32 here)"
+    if speedup > 1 / CLEARLY_FASTER:
+        return torch.float32, f" (bfloat16 about as fast here: {speedup:.2f}x)"
+    return torch.float32, f" (bfloat16 {1 / speedup:.1f}x slower here)"
 
 
 def cpu_has_bfloat16():
@@ -933,17 +944,18 @@ def synchronize(device):
         torch.accelerator.synchronize(device)
 
 
-def seconds_per_batch(model, cfg, run, autocast, train=True):
+def seconds_per_batch(model, cfg, run, autocast, train=True, timed=3):
     """Seconds of a micro-batch's forward and backward pass (train=False: of an evaluation batch's forward), the least
-    of three after one that warms up and compiles (on a CPU a large model's first passes are slow while its memory
-    settles). Training's random numbers are untouched (the batch generator put back, fork_rng), no gradient is left."""
+    of `timed` passes after one that warms up and compiles (on a CPU a large model's first passes are slow
+    while its memory settles). Training's random numbers are untouched (the batch generator put back,
+    fork_rng), no gradient is left."""
     state, seconds = run.batches.get_state(), []
     x, y = get_batch(run.splits["train"], cfg, run)
     run.batches.set_state(state)
     model.train(train)
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            for _ in range(4):
+            for _ in range(1 + timed):
                 synchronize(run.device)
                 t = time.perf_counter()
                 with autocast, torch.set_grad_enabled(train):
@@ -956,6 +968,44 @@ def seconds_per_batch(model, cfg, run, autocast, train=True):
     finally:
         model.zero_grad(set_to_none=True)
         model.train()
+
+
+class Trial(Machine):
+    """The machine of a timed training step: one process's batch, in autocast's precision, no loss scaling."""
+
+    def __init__(self, batches, autocast):
+        super().__init__(batches)
+        self.autocast = autocast
+
+    def forward(self, last=True):
+        return self.autocast
+
+
+def seconds_per_step(model, optimizer, cfg, run, autocast, steps=10, window=1.0):
+    """Seconds of a training step as train_step takes it (forward and backward of each micro-batch, clipping,
+    AdamW), after one that warms up (AdamW makes its moments, the allocator its pools): the mean of `steps` in
+    one window, as bench.py times them, or of fewer where they fill `window` seconds (a large model: one).
+    Training goes on as if they had not been: the weights, AdamW's state, the random numbers and the batch
+    generator are put back."""
+    weights = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(optimizer.state_dict())
+    batches = run.batches.get_state()
+    trial = Trial(run.batches, autocast)
+    try:
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            train_step(model, optimizer, run.splits["train"], cfg.learning_rate, cfg, trial)  # the warm-up
+            synchronize(run.device)
+            t = time.perf_counter()
+            timed = 0
+            while timed < steps and time.perf_counter() - t < window:  # at least one
+                train_step(model, optimizer, run.splits["train"], cfg.learning_rate, cfg, trial)
+                timed += 1
+            synchronize(run.device)
+            return (time.perf_counter() - t) / timed
+    finally:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(moments)
+        run.batches.set_state(batches)
 
 
 def compile_model(model, cfg, run):
@@ -1123,17 +1173,19 @@ class Run(Machine):
         self.prompt = self.check_text_and_prompt()
         if self.init:  # fine-tuning: the weights of a trained model, and from here on a new run
             load_weights(model, self.init, cfg.init_from)
+        if self.files:  # at once: what follows may time steps of the model for a minute
+            self.log(self.plan(), flush=True)
         self.batches = torch.Generator(device).manual_seed(cfg.seed)  # alike in every process: one global batch
-        trial = lambda dtype: seconds_per_batch(model, cfg, self, autocast_to(device, dtype))
-        self.dtype, self.autocast, self.scaler, why = precision(cfg, device, trial, self.world_size)
+        self.noted = False  # whether the note on a long run was given
+        self.dtype, self.autocast, self.scaler, why = precision(cfg, device, self.time_step, self.world_size)
         self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
         if self.ckpt:
             self.restore(self.ckpt)
         if not self.ckpt or self.rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's)
             torch.manual_seed(cfg.seed + self.rank)
         self.model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model  # averages gradients
-        self.model, step_s = compile_model(self.model, cfg, self)  # step_s: a step's seconds, where it compiled
-        self.compiled = step_s is not None
+        self.model, compiled_s = compile_model(self.model, cfg, self)  # a micro-batch's seconds, or None
+        self.compiled = compiled_s is not None
         with all_or_none(self.world_size):
             if master and self.files:
                 self.lock = prepare_out_dir(self.out_dir, self.ckpt["step"] if self.ckpt else None, self.lock)
@@ -1143,29 +1195,65 @@ class Run(Machine):
         self.first_bad = torch.tensor(NONE, device=device)  # the first step whose loss was not finite
         self.losses, self.ms_per_iter, self.text = None, None, None
         if self.files:  # a run, not bench.py's measurement: the header, and a note if it will take long
-            self.announce(why, step_s)
+            self.announce(why, compiled_s)
         self.t_last, self.step_last = time.time(), self.start_step
         return self.model
 
-    def announce(self, why, step_s):
-        """The header lines, and a note if the run will take long: a step and an evaluation batch, timed (by rank 0
-        alone: the plain model, outside DDP), times all the run will do."""
-        cfg, n, size = self.cfg, self.world_size, sum(p.numel() for p in self.raw_model.parameters())
-        size = f"{size / 1e6:.2f}M" if size >= 100_000 else f"{size:,}"  # the bigram's table: 4,225
-        dtype, compiled = str(self.dtype).removeprefix("torch."), "on" if self.compiled else "off"
-        self.log(f"{size} parameters | device {self.device} | {dtype}{why} | compile {compiled} | {n} process(es)")
+    def plan(self):
+        """The first line: what is about to be trained, on what, and on which text."""
+        cfg, n = self.cfg, self.world_size
+        steps = f"{cfg.max_iters:,} steps"
+        if self.ckpt:
+            steps = f"steps {self.ckpt['step']:,} to {cfg.max_iters:,}"
+        where = f"{n} processes on {self.device.type}" if n > 1 else f"{self.device}"
+        characters = sum(len(split) for split in self.splits.values())
+        text = f"{cfg.data or DEFAULT_DATA.name} ({characters:,} characters)"
+        return f"training {self.size()} parameters on {where}: {steps} on {text}"
+
+    def size(self):
+        size = sum(p.numel() for p in self.raw_model.parameters())
+        return f"{size / 1e6:.2f}M" if size >= 100_000 else f"{size:,}"  # the bigram's table: 4,225
+
+    def announce(self, why, compiled_s):
+        """The header lines; then, unless auto's trial on a CPU gave it, a long run's note: from a training
+        step timed by rank 0 alone (the plain model, outside DDP), or from the compiled micro-batches."""
+        cfg, n = self.cfg, self.world_size
+        dtype = str(self.dtype).removeprefix("torch.")
+        compiled = "on" if self.compiled else "off"
+        header = f"{self.size()} parameters | device {self.device} | {dtype}{why} | compile {compiled}"
+        self.log(f"{header} | {n} process(es)")
         per_iter = f"{self.tokens_per_iter // cfg.block_size} sequences of {cfg.block_size}"
         batch = f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {n} process(es)"
         self.log(f"batch {batch} = {per_iter} = {self.tokens_per_iter:,} tokens per iteration")
-        if self.master and self.start_step == 0:
-            step_s = step_s or seconds_per_batch(self.raw_model, cfg, self, self.autocast)
-            eval_s = seconds_per_batch(self.model, cfg, self, self.autocast, train=False)  # no gradients: DDP waits not
-            evaluations = 2 * cfg.eval_iters * count_evaluations(cfg) * eval_s
-            projected = cfg.gradient_accumulation_steps * (cfg.max_iters * step_s + evaluations)
-            if projected > 1800:
-                recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
-                note = f"note: this run will take about {format_duration(projected)} on {self.device}; {recipe}"
-                self.log(note, flush=True)
+        if compiled_s:
+            self.note(cfg.gradient_accumulation_steps * compiled_s, self.model, self.dtype)
+        elif self.master and not self.ckpt and not self.noted:
+            self.time_step(self.dtype, steps=2)  # gives the note: for it alone, a rough figure will do
+
+    def time_step(self, dtype, steps=10):
+        """A training step's seconds in dtype (seconds_per_step), timed by rank 0 alone. The first one timed
+        gives the note on a long run: with auto on a CPU, float32's, before bfloat16's trial."""
+        autocast = autocast_to(self.device, dtype)
+        seconds = seconds_per_step(self.raw_model, self.optimizer, self.cfg, self, autocast, steps)
+        self.note(seconds, self.raw_model, dtype)
+        return seconds
+
+    def note(self, step_s, model, dtype):
+        """Once, before a new run, if it will take long (over half an hour): its steps at step_s seconds each,
+        and its evaluations' batches at the seconds of one, timed here in model and dtype."""
+        cfg = self.cfg
+        if self.noted or self.ckpt or not (self.master and self.files):
+            return
+        self.noted = True
+        autocast = autocast_to(self.device, dtype)
+        eval_s = seconds_per_batch(model, cfg, self, autocast, train=False, timed=1)  # no gradients: no wait
+        evaluations = 2 * cfg.eval_iters * count_evaluations(cfg)  # batches of train and val
+        projected = cfg.max_iters * step_s + cfg.gradient_accumulation_steps * evaluations * eval_s
+        if projected > 1800:
+            dtype = str(dtype).removeprefix("torch.")
+            recipe = f"for a run of minutes on a CPU try: {command_line(CPU_RECIPE)}"
+            note = f"note: this run will take about {format_duration(projected)} on {self.device} in {dtype}"
+            self.log(f"{note}; {recipe}", flush=True)
 
     def check_text_and_prompt(self):
         """Refuse a text too short for a window of validation, or a prompt with characters the model does not know,

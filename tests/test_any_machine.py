@@ -2,10 +2,11 @@
 CPU, a note on a long run that times what the run does, sampling that draws on the CPU, and a suite that tells a new
 user how to get the corpus."""
 
+import copy
 import inspect
 import json
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -64,24 +65,25 @@ def test_help_prints_every_knob_with_its_default_and_comment(script, flag, capsy
 
 
 def test_the_dtype_trial_leaves_training_exactly_as_float32_would_have_it(corpus, tmp_path, monkeypatch, capsys):
-    """auto on a CPU with bfloat16 instructions times real steps of this model in float32 and in bfloat16. The trial
-    draws no random number that training uses and changes no weight: where it keeps float32, the run is the run of
-    --dtype=float32, bit for bit. (The timings are made to favour float32 here, so that the test holds on any CPU.)"""
+    """auto on a CPU with bfloat16 instructions times real training steps of this model in float32 and in bfloat16.
+    The trial draws no random number that training uses and leaves no trace in the weights or AdamW's state: where it
+    keeps float32, the run is the run of --dtype=float32, bit for bit. (The timings are made to favour float32 here,
+    so that the test holds on any CPU.)"""
     args = [*TINY, f"--data={corpus}", "--dropout=0.1"]
     assert gpt.main([*args, f"--out_dir={tmp_path / 'float32'}"]) == 0
-    timed, real = [], gpt.seconds_per_batch
+    timed, real = [], gpt.seconds_per_step
 
-    def slow_bfloat16(model, cfg, run, autocast, train=True):
-        seconds = real(model, cfg, run, autocast, train)  # a real forward and backward, in that dtype
+    def slow_bfloat16(model, optimizer, cfg, run, autocast, steps):
+        seconds = real(model, optimizer, cfg, run, autocast, steps)  # real steps, with AdamW, in that dtype
         timed.append(getattr(autocast, "fast_dtype", torch.float32))
         return seconds * (3 if timed[-1] == torch.bfloat16 else 1) + (1.0 if timed[-1] == torch.bfloat16 else 0)
 
     monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: True)
-    monkeypatch.setattr(gpt, "seconds_per_batch", slow_bfloat16)
+    monkeypatch.setattr(gpt, "seconds_per_step", slow_bfloat16)
     capsys.readouterr()
     assert gpt.main([*[a for a in args if a != "--dtype=float32"], f"--out_dir={tmp_path / 'auto'}"]) == 0
-    assert timed[:2] == [torch.float32, torch.bfloat16]  # the trial, before the step and batch timed for the note
-    header = capsys.readouterr().out.splitlines()[0]
+    assert timed == [torch.float32, torch.bfloat16, torch.float32]  # float32 again: the faster of its two counts
+    header = next(line for line in capsys.readouterr().out.splitlines() if " parameters | " in line)
     assert re.search(r"\| float32 \(bfloat16 \d+\.\dx slower here\) \|", header), header
     rows = [
         [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -90,8 +92,35 @@ def test_the_dtype_trial_leaves_training_exactly_as_float32_would_have_it(corpus
     assert [(r["train_loss"], r["val_loss"], r["sample"]) for r in rows[0]] == [
         (r["train_loss"], r["val_loss"], r["sample"]) for r in rows[1]
     ]
-    weights = [gpt.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("float32", "auto")]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    ckpts = [gpt.load_checkpoint(tmp_path / d / "ckpt.pt") for d in ("float32", "auto")]
+    assert all(torch.equal(ckpts[0]["model"][k], ckpts[1]["model"][k]) for k in ckpts[0]["model"])
+    moments = [ckpt["optimizer"]["state"] for ckpt in ckpts]  # AdamW's step and moments, parameter by parameter
+    assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 0
+    for i in moments[0]:
+        assert moments[0][i].keys() == moments[1][i].keys()
+        assert all(torch.equal(moments[0][i][k], moments[1][i][k]) for k in moments[0][i])
+
+
+def test_a_timed_step_leaves_no_trace(corpus):
+    """seconds_per_step runs real training steps (the warm-up and the timed ones), then puts back everything they
+    changed: the weights, AdamW's moments and step count, the learning rate, torch's random numbers (dropout) and
+    the batch generator; no gradient is left. Here AdamW has moments already, as after a resume."""
+    args = [*TINY, f"--data={corpus}", "--dropout=0.1", "--grad_clip=1.0"]
+    with gpt.Run(gpt.parse_overrides(args), files=False) as run:
+        gpt.build(run.cfg, run)
+        model, optimizer, cfg = run.raw_model, run.optimizer, run.cfg
+        gpt.train_step(model, optimizer, run.splits["train"], 1e-4, cfg, run)
+        before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+        rng, batches = torch.get_rng_state(), run.batches.get_state()
+        seconds = gpt.seconds_per_step(model, optimizer, cfg, run, torch.autocast("cpu", torch.bfloat16), steps=3)
+        after = (model.state_dict(), optimizer.state_dict())
+    assert seconds > 0
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1]["param_groups"] == after[1]["param_groups"]  # the lr of 1e-4 too, not the trial's
+    for i, state in before[1]["state"].items():
+        assert all(torch.equal(state[k], after[1]["state"][i][k]) for k in state)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(run.batches.get_state(), batches)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_an_explicit_dtype_is_obeyed_and_not_timed(corpus, tmp_path, monkeypatch, capsys):
@@ -105,19 +134,39 @@ def test_an_explicit_dtype_is_obeyed_and_not_timed(corpus, tmp_path, monkeypatch
 # ---- the note on a long run -----------------------------------------------------------------------------------------
 
 
+def test_the_first_line_says_what_will_be_trained_before_anything_is_timed(corpus, tmp_path, monkeypatch, capsys):
+    """On a CPU a step of the default model takes seconds: the first line comes before the first one is timed (here
+    by auto's trial, on a CPU with bfloat16 instructions, which comes before the header)."""
+    printed = []
+
+    def timed_step(*args, **kwargs):
+        printed.append(capsys.readouterr().out)
+        return 0.001
+
+    monkeypatch.setattr(gpt, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(gpt, "seconds_per_step", timed_step)
+    argv = [*TINY, f"--data={corpus}", "--max_iters=3", f"--out_dir={tmp_path}"]
+    assert gpt.main([a for a in argv if a != "--dtype=float32"]) == 0
+    text = corpus.read_text(encoding="utf-8")
+    model = gpt.GPT(len(set(text)), replace(gpt.Config(), n_layer=2, n_head=2, n_embd=32, block_size=16))
+    size = sum(p.numel() for p in model.parameters())
+    first = f"training {size:,} parameters on cpu: 3 steps on {corpus} ({len(text):,} characters)\n"
+    assert printed == [first, "", ""]  # float32's trial, bfloat16's, float32's again
+
+
 @pytest.mark.parametrize("accum", [1, 3])
 def test_the_note_counts_every_step_and_every_evaluation_batch(accum, corpus, tmp_path, monkeypatch, capsys):
-    """The projected time is the run's steps times a timed training step (forward and backward) plus its evaluations'
-    batches times a timed evaluation batch, each micro-batch of gradient accumulation counted."""
-    seconds = {True: 0.75, False: 0.1}  # a micro-batch's forward and backward; an evaluation batch
-    monkeypatch.setattr(gpt, "seconds_per_batch", lambda *args, train=True: seconds[train])
+    """The projected time is the run's steps times a timed training step (every micro-batch's forward and backward,
+    and the optimizer) plus its evaluations' batches times a timed evaluation batch, each micro-batch counted."""
+    monkeypatch.setattr(gpt, "seconds_per_step", lambda *args: 2.25)  # a whole step
+    monkeypatch.setattr(gpt, "seconds_per_batch", lambda *args, **kwargs: 0.1)  # an evaluation batch
     argv = [*TINY, f"--data={corpus}", "--max_iters=3000", "--eval_interval=1000", "--eval_iters=50"]
     argv += [f"--gradient_accumulation_steps={accum}", "--eval_sample=0", "--compile=0", f"--out_dir={tmp_path}"]
     monkeypatch.setattr(gpt, "train_step", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt(2)))
     gpt.main(argv)  # stopped at its first step: the note comes before it
-    expected = accum * (3000 * 0.75 + 4 * 2 * 50 * 0.1)  # 4 evaluations (0, 1000, 2000, 3000) of 2 x 50 batches
+    expected = 3000 * 2.25 + accum * 4 * 2 * 50 * 0.1  # 4 evaluations (0, 1000, 2000, 3000) of 2 x 50 batches
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
-    assert note.startswith(f"note: this run will take about {gpt.format_duration(expected)} on cpu; ")
+    assert note.startswith(f"note: this run will take about {gpt.format_duration(expected)} on cpu in float32; ")
 
 
 # ---- sampling draws on the CPU --------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_a_short_run_prints_no_note(trained):
 
 
 def test_a_long_run_says_so_before_it_starts(corpus, tmp_path):
-    """A billion steps of even the tiny model take days: one timed forward pass shows it, before step 0."""
+    """A billion steps of even the tiny model take days: a timed training step shows it, before step 0."""
     argv = [*TINY, "--max_iters=1000000000", f"--data={corpus}", f"--out_dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "gpt.py"), *argv],
@@ -202,12 +202,13 @@ def test_a_long_run_says_so_before_it_starts(corpus, tmp_path):
         env={**os.environ, **SERIAL_ENV, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        lines = [proc.stdout.readline() for _ in range(3)]
+        lines = [proc.stdout.readline() for _ in range(4)]
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     finally:
         proc.kill()
-    note = lines[2]
+    assert lines[0].startswith("training ") and " parameters | " in lines[1] and lines[2].startswith("batch ")
+    note = lines[3]
     assert note.startswith("note: this run will take about ") and note.rstrip().endswith(
         gpt.command_line(gpt.CPU_RECIPE)
     )

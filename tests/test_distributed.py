@@ -428,8 +428,8 @@ def test_the_effective_batch_is_printed_at_start(runs):
     }
     for name, line in expected.items():
         lines = finished(runs[name]).stdout().splitlines()
-        assert lines[0].endswith(f"| {2 if name == 'a' else 1} process(es)")
-        assert lines[1] == line
+        assert lines[1].endswith(f"| {2 if name == 'a' else 1} process(es)")  # after what will be trained
+        assert lines[2] == line
 
 
 # ---- 2 processes end to end ------------------------------------------------------------------------------

@@ -424,6 +424,7 @@ class NaNAtStep7(gpt.GPT):
 
 def test_non_finite_loss_names_the_first_bad_step(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.setattr(gpt, "seconds_per_batch", lambda *args, **kwargs: 0.0)  # no timed calls: steps alone count
+    monkeypatch.setattr(gpt, "seconds_per_step", lambda *args: 0.0)
     out_dir = tmp_path / "out"
     argv = [*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--eval_interval=5", "--max_iters=30"]
     assert gpt.main(argv, make_model=NaNAtStep7) == 1
@@ -447,6 +448,7 @@ class NaNAtStep7ThenCtrlC(NaNAtStep7):
 
 def test_a_signal_after_a_non_finite_loss_saves_no_broken_model(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.setattr(gpt, "seconds_per_batch", lambda *args, **kwargs: 0.0)  # no timed calls: steps alone count
+    monkeypatch.setattr(gpt, "seconds_per_step", lambda *args: 0.0)
     out_dir = tmp_path / "out"
     argv = [*TINY, f"--data={corpus}", f"--out_dir={out_dir}", "--eval_interval=5", "--max_iters=30"]
     assert gpt.main(argv, make_model=NaNAtStep7ThenCtrlC) == 1
