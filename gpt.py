@@ -72,7 +72,7 @@ class Config:
     # system
     recipe: str = ""  # cpu: start from CPU_RECIPE (a small model that trains in minutes on a laptop), not the defaults
     device: str = "auto"  # auto: cuda if present, then mps (Apple), then cpu; or name one
-    dtype: str = "auto"  # auto: bfloat16 on recent GPUs, float16 on older ones; on a CPU whichever is faster here
+    dtype: str = "auto"  # auto: bfloat16 on recent GPUs, float16 on older ones; on a CPU bfloat16 where 1.2x faster
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA under Linux, off elsewhere
     out_dir: str = "out"  # where ckpt.pt (best val), last.pt (on interrupt) and metrics.jsonl go
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -1220,7 +1220,10 @@ class Run(Machine):
         cfg, n = self.cfg, self.world_size
         dtype = str(self.dtype).removeprefix("torch.")
         compiled = "on" if self.compiled else "off"
-        header = f"{self.size()} parameters | device {self.device} | {dtype}{why} | compile {compiled}"
+        device = str(self.device)
+        if self.device.type == "cuda":  # the card by name: the speed and the MFU depend on it
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        header = f"{self.size()} parameters | device {device} | {dtype}{why} | compile {compiled}"
         self.log(f"{header} | {n} process(es)")
         per_iter = f"{self.tokens_per_iter // cfg.block_size} sequences of {cfg.block_size}"
         batch = f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {n} process(es)"
