@@ -1,4 +1,4 @@
-"""What the README and docs/ say the code does, each held by a test that fails when it breaks (issue 31): the learning
+"""What the README and docs/ say the code does, each held by a test that fails when it breaks: the learning
 rate's schedule and a resume that stretches it, the clock across a resume, the loss estimate, weight decay, clipping,
 gradient accumulation, the initialisation, temperature, dropout on the embeddings, and the choices auto makes on a
 machine (device, dtype, compile) with the hardware queries stood in for. The expected values are written here, from

@@ -1,4 +1,4 @@
-"""The CUDA paths, on a real card (issue 29): every test here is marked gpu, runs wherever CUDA is, and is skipped
+"""The CUDA paths, on a real card: every test here is marked gpu, runs wherever CUDA is, and is skipped
 elsewhere with the reason (tests/conftest.py). `python -m pytest -m gpu` runs them alone, in a few minutes on one H100.
 
 They run what the CPU tests can only imitate: bfloat16 and float16 autocast with the gradient scaler, torch.compile and

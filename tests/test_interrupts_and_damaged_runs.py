@@ -145,7 +145,7 @@ TRAIN = [*TINY, "--max_iters=10", "--eval_interval=5"]
 @pytest.fixture(scope="module")
 def interrupted_dir(corpus, tmp_path_factory):
     """out_dir of a tiny run stopped by SIGTERM after its step-5 evaluation: ckpt.pt, last.pt, metrics.jsonl."""
-    out_dir = tmp_path_factory.mktemp("round2") / "out"
+    out_dir = tmp_path_factory.mktemp("interrupted") / "out"
     proc = start([*TINY, f"--data={corpus}", "--max_iters=1000000", "--eval_interval=5", f"--out_dir={out_dir}"])
     wait_for(proc, proc.out, "step 5/")
     proc.send_signal(signal.SIGTERM)

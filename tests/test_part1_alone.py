@@ -1,5 +1,5 @@
 """Part 1 on its own: gpt.train(cfg) with no machine given trains on the plain Machine, as the lecture's script does
-(issue 30, point 4): it reads the text, prints the losses at each evaluation, writes no file, returns the model."""
+it reads the text, prints the losses at each evaluation, writes no file, returns the model."""
 
 import re
 from dataclasses import replace

@@ -1,4 +1,4 @@
-"""Stops and errors where the CUDA paths meet them (issue 29), tried on the CPU: a Ctrl-C while torch.compile compiles
+"""Stops and errors where the CUDA paths meet them, tried on the CPU: a Ctrl-C while torch.compile compiles
 inside an evaluation, a torch.compile that fails at the call or with an error that is not the compiler's, the messages
 of main() under torchrun, a launcher that sets only some of torchrun's variables, and a text too large for the device.
 """
