@@ -1,4 +1,4 @@
-"""Part 1 on its own: gpt.train(cfg) with no machine given trains on the plain Machine, as the lecture's script does
+"""Part 1 on its own: gpt.train(cfg) with no machine given trains on the plain Machine, as the lecture's script does:
 it reads the text, prints the losses at each evaluation, writes no file, returns the model."""
 
 import re
