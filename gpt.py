@@ -672,8 +672,7 @@ def write_atomically(path, write):
 
 @contextlib.contextmanager
 def disk_errors(what, then="name a folder you can write to"):
-    """An OSError within (a full disk, a folder that cannot be written to) as the user's error, one line:
-    `{what} ({the system's reason}); {then}`."""
+    """An OSError within (a full disk, a folder that cannot be written to) as `{what} ({its reason}); {then}`."""
     try:
         yield
     except OSError as e:
@@ -761,8 +760,7 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, advice="train first (python gpt.py), or point --out_dir at its folder"):
-    """A checkpoint as a dict. weights_only=True lets torch.load build tensors and plain containers only,
-    so a file crafted to run code when unpickled is refused instead of run."""
+    """A checkpoint as a dict. weights_only=True: a file crafted to run code when unpickled is refused, not run."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: {advice}")
@@ -770,16 +768,15 @@ def load_checkpoint(path, advice="train first (python gpt.py), or point --out_di
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "config", "vocab", "step"} - set(ckpt)
     except Exception as e:
-        damaged = "it is truncated, damaged or foreign; delete it or train again"
-        raise UserError(f"{path} is not a checkpoint that can be read ({type(e).__name__}): {damaged}") from None
+        cannot = f"{path} is not a checkpoint that can be read ({type(e).__name__})"
+        raise UserError(f"{cannot}: it is truncated, damaged or foreign; delete it or train again") from None
     if missing:
         raise UserError(f"{path} is not a checkpoint of this program (no {', '.join(sorted(missing))})")
     return ckpt
 
 
 def newest_checkpoint(out_dir, advice="train without --resume first"):
-    """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along. A damaged
-    one is skipped with a warning while the other is whole; with neither whole, the first one's error."""
+    """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is whole and further along."""
     found, damaged = {}, []
     for path in filter(Path.exists, (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt")):
         try:
@@ -835,8 +832,7 @@ def prepare_out_dir(out_dir, resumed_step, lock=None):
 
 
 def set_aside(out_dir):
-    """A new run in an out_dir that holds an earlier run's model moves that run's files into a folder named by when
-    they were last written: --resume can then never take them up, and nothing trained is lost."""
+    """A new run moves an earlier run's files to out_dir/earlier-<when last written>-*/, out of --resume's way."""
     files = [out_dir / name for name in ("ckpt.pt", "last.pt", "metrics.jsonl") if (out_dir / name).exists()]
     if not any(f.suffix == ".pt" for f in files):
         return
