@@ -506,8 +506,7 @@ def _converter(kind):
 
 
 def parse_overrides(argv, defaults=None):
-    """--name=value or --name value for every field of `defaults` (a Config); booleans also as a bare --name.
-    Returns only the names given, so that a checkpoint's settings can fill in the rest. -h or --help: every knob."""
+    """The names given: --name=value, --name value, or a bare --name (a boolean); a checkpoint's fill in the rest."""
     defaults = defaults or Config()
     if "-h" in argv or "--help" in argv:
         print(knob_help(defaults))
@@ -775,7 +774,7 @@ def load_checkpoint(path, advice="train first (python gpt.py), or point --out_di
     return ckpt
 
 
-def newest_checkpoint(out_dir, advice="train without --resume first"):
+def newest_checkpoint(out_dir, advice):
     """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is whole and further along."""
     found, damaged = {}, []
     for path in filter(Path.exists, (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt")):
