@@ -492,8 +492,7 @@ class _Parser(argparse.ArgumentParser):
 def _converter(kind):
     """argparse's converter for a field of this type: bool takes 1/0, true/false, yes/no, on/off; X | None also none."""
     base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))  # X of "X | None"
-    words = {"1": True, "true": True, "yes": True, "on": True}
-    words |= {"0": False, "false": False, "no": False, "off": False}
+    words = dict.fromkeys("1 true yes on".split(), True) | dict.fromkeys("0 false no off".split(), False)
 
     def convert(text):
         if text.lower() == "none" and base is not kind:
@@ -507,8 +506,7 @@ def _converter(kind):
 
 
 def parse_overrides(argv, defaults=None):
-    """--name=value or --name value for every field of `defaults` (a Config); booleans also as a bare --name.
-    Returns only the names given, so that a checkpoint's settings can fill in the rest. -h or --help: every knob."""
+    """The names given: --name=value, --name value, or a bare --name (a boolean); a checkpoint's fill in the rest."""
     defaults = defaults or Config()
     if "-h" in argv or "--help" in argv:
         print(knob_help(defaults))
@@ -559,8 +557,7 @@ def check_config(cfg):
     """Refuse settings that cannot work, before anything is read or written."""
     ones = "batch_size block_size n_embd n_head n_layer max_iters eval_interval eval_iters"
     ones += " gradient_accumulation_steps max_new_tokens num_samples"
-    at_least = {1: ones, 0: "warmup_iters weight_decay grad_clip eval_sample"}
-    for least, names in at_least.items():
+    for least, names in {1: ones, 0: "warmup_iters weight_decay grad_clip eval_sample"}.items():
         for name in names.split():
             if getattr(cfg, name) < least:
                 raise UserError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")
@@ -590,40 +587,41 @@ def check_config(cfg):
 
 
 def settings(overrides, defaults=None, world_size=1):
-    """A run's settings, checked: the defaults with the command line on top. To go on from a checkpoint (--resume,
-    --sample), its settings with the command line on top, but not its device: a run goes on where it is started.
-    Also that checkpoint, or the one to fine-tune from (--init_from), read by rank 0 and sent to the others."""
-    cfg, ckpt, init = replace(starting_point(overrides, defaults), **overrides), None, None
+    """A run's settings, checked: the defaults, or a checkpoint's (--resume, --sample) but for its device, with the
+    command line on top; and that checkpoint, or --init_from's, read by rank 0 and sent to the others."""
+    cfg = replace(starting_point(overrides, defaults), **overrides)
     check_config(cfg)
+    ckpt = None
+    init = None
     if cfg.sample:
         ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", no_checkpoint_advice(cfg, overrides, defaults))
     elif cfg.resume:
         advice = no_checkpoint_advice(cfg, overrides, defaults)
         ckpt = from_rank_0(lambda: newest_checkpoint(cfg.out_dir, advice), world_size)
-        started = ckpt["config"].get("init_from", "")  # a fine-tuning run resumes as itself, not from init_from again
+        started = ckpt["config"].get("init_from", "")  # a fine-tuning run resumes as itself
         if overrides.get("init_from", started) != started:
             where = f"from --init_from={started}" if started else "from scratch"
             new_run = "leave out --resume to start a new run from it (in another --out_dir)"
             raise UserError(f"--resume continues the run in {cfg.out_dir}/, which started {where}; {new_run}")
-    elif cfg.init_from:  # fine-tuning: the model's shape is the checkpoint's, and the command line may not say else
+    elif cfg.init_from:  # fine-tuning: the model's shape is the checkpoint's
         named = "train first (python gpt.py), or name the ckpt.pt of a trained run"
         init = from_rank_0(lambda: load_checkpoint(cfg.init_from, named), world_size)
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            if overrides.get(name, init["config"][name]) != init["config"][name]:
-                keep = f"whose {name} is {init['config'][name]}; leave it out: fine-tuning keeps the model's shape"
+        shape = {name: init["config"][name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
+        for name, value in shape.items():
+            if overrides.get(name, value) != value:
+                keep = f"whose {name} is {value}; leave it out: fine-tuning keeps the model's shape"
                 raise UserError(f"--{name}={overrides[name]} contradicts --init_from={cfg.init_from}, {keep}")
-            cfg = replace(cfg, **{name: init["config"][name]})
+        cfg = replace(cfg, **shape)
     if ckpt:
-        saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(Config)} - {"device"}}
-        cfg = replace(replace(Config(), **saved, device=cfg.device), **overrides)
+        saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(Config)}}
+        cfg = replace(Config(), **(saved | overrides | {"device": cfg.device}))
         check_config(cfg)
     return cfg, ckpt, init
 
 
 def no_checkpoint_advice(cfg, overrides, defaults):
-    """What to type when out_dir holds no checkpoint to --sample or --resume from. Where gpt.py's starting
-    point chose out_dir (not the command line, not bigram.py) and the other one's folder holds one: the flag
-    that reaches it."""
+    """What to type when out_dir holds no checkpoint to --sample or --resume from; where gpt.py's starting point
+    chose out_dir (not the command line, not bigram.py) and the other one's folder holds one, the flag to reach it."""
     recipe = cfg.recipe == "cpu"
     other = Config() if recipe else CPU_RECIPE  # the defaults' out/, or the CPU recipe's out-cpu/
     names = ["ckpt.pt"] if cfg.sample else ["last.pt", "ckpt.pt"]
@@ -636,13 +634,11 @@ def no_checkpoint_advice(cfg, overrides, defaults):
         return "train without --resume first"
     if defaults is not None:  # bigram.py's: its own script trains it
         return "train first, or point --out_dir at its folder"
-    command = "python gpt.py --recipe=cpu" if recipe else "python gpt.py"
-    return f"train first ({command}), or point --out_dir at its folder"
+    return f"train first (python gpt.py{' --recipe=cpu' if recipe else ''}), or point --out_dir at its folder"
 
 
 def say_what_changed(ckpt, cfg, overrides, world_size):
     """A resumed run goes on with the settings given on its command line: one line says which differ from the run's."""
-    # the settings given now, on the command line
     given = {k: getattr(cfg, k) for k in overrides.keys() - {"device", "resume", "out_dir"}}
     said = [f"{k} {given[k]} (was {v})" for k, v in ckpt["config"].items() if k in given and given[k] != v]
     if ckpt.get("world_size", world_size) != world_size:
@@ -675,8 +671,7 @@ def write_atomically(path, write):
 
 @contextlib.contextmanager
 def disk_errors(what, then="name a folder you can write to"):
-    """An OSError within (a full disk, a folder that cannot be written to) as the user's error, one line:
-    `{what} ({the system's reason}); {then}`."""
+    """An OSError within (a full disk, a folder that cannot be written to) as `{what} ({its reason}); {then}`."""
     try:
         yield
     except OSError as e:
@@ -764,8 +759,7 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, advice="train first (python gpt.py), or point --out_dir at its folder"):
-    """A checkpoint as a dict. weights_only=True lets torch.load build tensors and plain containers only,
-    so a file crafted to run code when unpickled is refused instead of run."""
+    """A checkpoint as a dict. weights_only=True: a file crafted to run code when unpickled is refused, not run."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: {advice}")
@@ -773,16 +767,15 @@ def load_checkpoint(path, advice="train first (python gpt.py), or point --out_di
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "config", "vocab", "step"} - set(ckpt)
     except Exception as e:
-        damaged = "it is truncated, damaged or foreign; delete it or train again"
-        raise UserError(f"{path} is not a checkpoint that can be read ({type(e).__name__}): {damaged}") from None
+        cannot = f"{path} is not a checkpoint that can be read ({type(e).__name__})"
+        raise UserError(f"{cannot}: it is truncated, damaged or foreign; delete it or train again") from None
     if missing:
         raise UserError(f"{path} is not a checkpoint of this program (no {', '.join(sorted(missing))})")
     return ckpt
 
 
-def newest_checkpoint(out_dir, advice="train without --resume first"):
-    """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is further along. A damaged
-    one is skipped with a warning while the other is whole; with neither whole, the first one's error."""
+def newest_checkpoint(out_dir, advice):
+    """last.pt (written on an interrupt) or ckpt.pt (best val so far), whichever is whole and further along."""
     found, damaged = {}, []
     for path in filter(Path.exists, (Path(out_dir) / "last.pt", Path(out_dir) / "ckpt.pt")):
         try:
@@ -838,8 +831,7 @@ def prepare_out_dir(out_dir, resumed_step, lock=None):
 
 
 def set_aside(out_dir):
-    """A new run in an out_dir that holds an earlier run's model moves that run's files into a folder named by when
-    they were last written: --resume can then never take them up, and nothing trained is lost."""
+    """A new run moves an earlier run's files to out_dir/earlier-<when last written>-*/, out of --resume's way."""
     files = [out_dir / name for name in ("ckpt.pt", "last.pt", "metrics.jsonl") if (out_dir / name).exists()]
     if not any(f.suffix == ".pt" for f in files):
         return
