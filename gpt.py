@@ -953,8 +953,7 @@ def seconds_per_batch(model, cfg, run, autocast, train=True, timed=3):
     model.train(train)
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            for _ in range(1 + timed):
-                synchronize(run.device)
+            for _ in range(1 + timed):  # each pass ends synchronized, so the next one's clock starts clean
                 t = time.perf_counter()
                 with autocast, torch.set_grad_enabled(train):
                     _, loss = model(x, y)
@@ -1514,8 +1513,7 @@ PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65
 
 
 def peak_flops(device, dtype):
-    """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards). float32 runs in
-    TF32 unless --dtype=float32 turned it off (precision): then at the plain float32 rate, often 7x slower."""
+    """The peak FLOP/s of this card in this precision (TF32 unless --dtype=float32), or None (CPUs, other cards)."""
     if device.type != "cuda":
         return None
     words = torch.cuda.get_device_name(device).upper().replace("-", " ").split()
