@@ -886,11 +886,11 @@ def resolve_device(name):
 
 
 def precision(cfg, device, seconds_per_step, world_size=1):
-    """The training dtype, an autocast context for the matrix products, float16's gradient scaler, and why auto chose
-    the dtype. auto: bfloat16 on CUDA cards from compute capability 8.0, float16 on older ones, float32 on Apple's MPS;
-    on a CPU, bfloat16 only where a training step of this model is clearly faster in it (seconds_per_step)."""
+    """The training dtype, an autocast context, float16's gradient scaler, and why auto chose the dtype: bfloat16 on
+    CUDA from compute capability 8.0, else float16; float32 on Apple's MPS; on a CPU, cpu_dtype's choice."""
     if cfg.dtype in ("bfloat16", "float16") and device.type == "mps":
-        raise UserError(f"--dtype={cfg.dtype} is not supported on mps here; use --dtype=float32 (or leave it auto)")
+        instead = "use --dtype=float32 (or leave it auto)"
+        raise UserError(f"--dtype={cfg.dtype} is not supported on mps here; {instead}")
     dtype, why = torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype), ""
     if cfg.dtype == "auto" and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -898,7 +898,8 @@ def precision(cfg, device, seconds_per_step, world_size=1):
         dtype, why = from_rank_0(lambda: cpu_dtype(seconds_per_step), world_size)  # all processes alike
     # float32 matrix products on CUDA in TF32 (several times faster, precise enough to train) unless float32 is named
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype != "float32"
-    return dtype, autocast_to(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), why
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return dtype, autocast_to(device, dtype), scaler, why
 
 
 CLEARLY_FASTER = 1.2  # bfloat16 changes the numerics: on a CPU auto takes it only for at least this speed-up
@@ -906,8 +907,7 @@ CLEARLY_FASTER = 1.2  # bfloat16 changes the numerics: on a CPU auto takes it on
 
 def cpu_dtype(seconds_per_step):
     """precision's choice on a CPU (the gain depends on the model's size too), and why, for the header line.
-    float32 is timed first: a long run's note comes from it, before bfloat16's trial (as long again). It is
-    timed again after bfloat16, and the faster of its two counts: a first window must not favour bfloat16."""
+    float32 is timed first, so that a long run's note comes before bfloat16's trial (as long again)."""
     if not cpu_has_bfloat16():
         return torch.float32, " (this CPU has no bfloat16 instructions)"
     float32 = seconds_per_step(torch.float32)
@@ -937,18 +937,15 @@ def synchronize(device):
 
 
 def seconds_per_batch(model, cfg, run, autocast, train=True, timed=3):
-    """Seconds of a micro-batch's forward and backward pass (train=False: of an evaluation batch's forward), the least
-    of `timed` passes after one that warms up and compiles (on a CPU a large model's first passes are slow
-    while its memory settles). Training's random numbers are untouched (the batch generator put back,
-    fork_rng), no gradient is left."""
+    """Seconds of a micro-batch's forward and backward (train=False: an evaluation batch's forward), the least of
+    `timed` passes after one that warms up and compiles; like seconds_per_step, it leaves training as it was."""
     state, seconds = run.batches.get_state(), []
     x, y = get_batch(run.splits["train"], cfg, run)
     run.batches.set_state(state)
     model.train(train)
     try:
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            for _ in range(1 + timed):
-                synchronize(run.device)
+            for _ in range(1 + timed):  # each pass ends synchronized, so the next one's clock starts clean
                 t = time.perf_counter()
                 with autocast, torch.set_grad_enabled(train):
                     _, loss = model(x, y)
@@ -974,11 +971,9 @@ class Trial(Machine):
 
 
 def seconds_per_step(model, optimizer, cfg, run, autocast, steps=10, window=1.0):
-    """Seconds of a training step as train_step takes it (forward and backward of each micro-batch, clipping,
-    AdamW), after one that warms up (AdamW makes its moments, the allocator its pools): the mean of `steps` in
-    one window, as bench.py times them, or of fewer where they fill `window` seconds (a large model: one).
-    Training goes on as if they had not been: the weights, AdamW's state, the random numbers and the batch
-    generator are put back."""
+    """Seconds of a train_step, after one that warms up (AdamW makes its moments, the allocator its pools): the mean
+    of `steps`, as bench.py times them, or of fewer that fill `window` seconds (at least one). Training goes on as
+    if they had not been: the weights, AdamW's state, the random numbers and the batch generator are put back."""
     weights = copy.deepcopy(model.state_dict())
     moments = copy.deepcopy(optimizer.state_dict())
     batches = run.batches.get_state()
@@ -989,7 +984,7 @@ def seconds_per_step(model, optimizer, cfg, run, autocast, steps=10, window=1.0)
             synchronize(run.device)
             t = time.perf_counter()
             timed = 0
-            while timed < steps and time.perf_counter() - t < window:  # at least one
+            while timed < steps and time.perf_counter() - t < window:
                 train_step(model, optimizer, run.splits["train"], cfg.learning_rate, cfg, trial)
                 timed += 1
             synchronize(run.device)
@@ -1001,16 +996,18 @@ def seconds_per_step(model, optimizer, cfg, run, autocast, steps=10, window=1.0)
 
 
 def compile_model(model, cfg, run):
-    """model compiled if cfg says so (unset: on CUDA under Linux), and the seconds of a step, or None. Compiling is
-    tried here by every process, so that step 0 finds it done; where it fails in any process (no C compiler, no
-    Triton), all train without it. Under torchrun model is in DDP already: Dynamo then cuts the graph where DDP's
-    gradient buckets end, so that their all-reduce overlaps the backward."""
-    if not (cfg.compile if cfg.compile is not None else run.device.type == "cuda" and sys.platform == "linux"):
+    """model compiled if cfg says so (unset: on CUDA under Linux), and a micro-batch's seconds, or None. Every process
+    tries it here, so that step 0 finds it done; where any fails (no C compiler, no Triton), all train without it.
+    In DDP, Dynamo cuts the graph where the gradient buckets end, so that their all-reduce overlaps the backward."""
+    default = run.device.type == "cuda" and sys.platform == "linux"
+    if not (default if cfg.compile is None else cfg.compile):
         return model, None
-    compiled, failed, seconds = None, None, None
-    try:  # no_sync: no gradient travels in the trial, so a process that fails in it leaves no other one waiting
-        compiled = torch.compile(model)  # the model's Python becomes fused kernels; raises on a Python too new
-        with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext():
+    compiled = None
+    failed = None
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    try:
+        compiled = torch.compile(model)  # fused kernels from the model's Python; raises on a Python too new
+        with model.no_sync() if ddp else contextlib.nullcontext():  # no gradient travels: none left waiting
             seconds = seconds_per_batch(compiled, cfg, run, run.autocast)
     except Exception as e:
         inner = getattr(e, "inner_exception", None)  # what failed inside the compiler, where Dynamo wraps it
@@ -1047,8 +1044,9 @@ def setup_distributed(device_name):
         launcher = "start the processes with torchrun, which sets them all"
         raise UserError(f"RANK is set, as torchrun sets it, but not {', '.join(missing)}: {launcher}")
     if device.type == "cuda" and int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
-        gpus = f"this machine has {torch.cuda.device_count()} CUDA GPU(s); give torchrun --nproc_per_node at most that"
-        raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but {gpus}")
+        started = f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine"
+        gpus = f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        raise UserError(f"{started}, but {gpus}; give torchrun --nproc_per_node at most that")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -1059,19 +1057,15 @@ def setup_distributed(device_name):
 
 
 def from_rank_0(load, world_size):
-    """load() run by rank 0 alone, its result (or its UserError) sent to the other processes: with several
-    machines, --resume needs out_dir on the first one's disk only."""
+    """load() run by rank 0 alone, its result sent to the other processes (its UserError raised by all): with
+    several machines, --resume needs out_dir on the first one's disk only."""
     if world_size == 1:
         return load()
     box = [None]
-    if dist.get_rank() == 0:
-        try:
+    with all_or_none(world_size):
+        if dist.get_rank() == 0:
             box[0] = load()
-        except UserError as e:
-            box[0] = e
     dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], UserError):
-        raise box[0]
     return box[0]
 
 
@@ -1101,16 +1095,15 @@ def leave_process_group(stop=None):
 
 
 def out_of_memory(cfg, began=True):
-    """What to do when the device runs out of memory, in the user's terms; began=False: before the model was fitted to
-    the machine (Run.prepare), where the text, all of it, and the model were put on the device."""
+    """What to do when the device runs out of memory; began=False: before Run.prepare fitted the model to it."""
     if not began:
         whole = "is put on the device whole, and with the model it does not fit"
         text = f"the text ({cfg.data or DEFAULT_DATA}) {whole}"
         advice = "train on a shorter text, or on a device with more memory"
         return f"out of memory on the device before training began: {text}; {advice}"
     keep = f"lower --batch_size ({cfg.batch_size}) and raise --gradient_accumulation_steps by the same factor"
-    smaller = f"lower --block_size ({cfg.block_size}) or --n_embd ({cfg.n_embd})"
-    return f"out of memory on the device: {keep} to keep the effective batch, or {smaller}; the checkpoints are kept"
+    smaller = f"lower --block_size ({cfg.block_size}) or --n_embd ({cfg.n_embd}); the checkpoints are kept"
+    return f"out of memory on the device: {keep} to keep the effective batch, or {smaller}"
 
 
 # ---- A run: the machine around the lesson's train(), for gpt.py and bench.py alike.
@@ -1431,8 +1424,7 @@ class Run(Machine):
 
 # ---- Interrupts: Ctrl-C or SIGTERM stops the run after the current step (or within an evaluation), and it saves.
 class Abandoned(Exception):
-    """Raised after the first Ctrl-C during an evaluation (StopRequest.abandons), between two of its batches or two
-    characters of its line (StopRequest.check): Run.evaluate gives it up."""
+    """Raised by StopRequest.check after the first Ctrl-C within abandons(): Run.evaluate gives the evaluation up."""
 
 
 class StopRequest:
@@ -1440,7 +1432,11 @@ class StopRequest:
     evaluation is abandoned. A second, or one while nothing is left to save (at_once), raises KeyboardInterrupt."""
 
     def __init__(self, world_size=1, quiet=False):
-        self.signum, self.quiet, self.at_once, self.abandon, self.agreed, self.pending = 0, quiet, False, False, 0, None
+        self.signum = 0  # written by the handler alone
+        self.quiet = quiet
+        self.at_once = False
+        self.abandon = False
+        self.agreed, self.pending = 0, None  # with several processes (requested)
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         self.group = stop_group() if world_size > 1 else None
 
@@ -1449,8 +1445,8 @@ class StopRequest:
             raise KeyboardInterrupt(signum)
         self.signum = signum
         if not self.quiet:  # os.write, not print: the signal may have come in the middle of a print
-            ack = "stopping: last.pt is saved after this step (an evaluation is cut short); Ctrl-C again stops at once"
-            os.write(2, f"\n{ack}\n".encode())
+            ack = "stopping: last.pt is saved after this step (an evaluation is cut short)"
+            os.write(2, f"\n{ack}; Ctrl-C again stops at once\n".encode())
 
     @contextlib.contextmanager
     def abandons(self):
@@ -1463,16 +1459,14 @@ class StopRequest:
             self.abandon = False
 
     def check(self):
-        """Raise Abandoned if a Ctrl-C came within abandons(): called where giving up is safe (before a batch, between
-        characters), never raised from the handler into whatever the signal interrupted, such as torch.compile's work,
-        which would wrap it into an error of its own."""
+        """Raise Abandoned if a Ctrl-C came within abandons(), where giving up is safe (before a batch, between
+        characters): the handler might interrupt torch.compile's work, which would wrap it in an error of its own."""
         if self.abandon and self.signum:
             raise Abandoned
 
     def requested(self):
         """The number of the signal that asked us to stop, or 0. With several processes, of one that any of them got:
-        each step sends this process's number without waiting and reads what all sent a step before, so that no step
-        waits for the others and all stop at the same step. Only the handler writes self.signum."""
+        each step sends its number without waiting and reads what all sent a step before: all stop at the same step."""
         if self.group is None:
             return self.signum
         if self.pending is not None:
@@ -1494,8 +1488,8 @@ def stop_group():
         return dist.new_group(backend="gloo")
     except RuntimeError as e:
         first = str(e).strip().partition("\n")[0][:150]
-        advice = "set GLOO_SOCKET_IFNAME to the network interface the machines reach each other on (e.g. eth0)"
-        raise UserError(f"the processes could not connect over gloo ({first}): {advice}") from None
+        fix = "set GLOO_SOCKET_IFNAME to the network interface the machines reach each other on (e.g. eth0)"
+        raise UserError(f"the processes could not connect over gloo ({first}): {fix}") from None
 
 
 # ---- Progress reports: step | train | val | lr | ms/it | tok/s | mfu | eta, and a row of metrics.jsonl.
@@ -1511,8 +1505,7 @@ PEAK_TFLOPS |= {"V100": (125, 15.7, 15.7), "V100 PCIE": (112, 14, 14), "T4": (65
 
 
 def peak_flops(device, dtype):
-    """The peak FLOP/s of this card in this precision, or None where unknown (CPUs, Apple, other cards). float32 runs in
-    TF32 unless --dtype=float32 turned it off (precision): then at the plain float32 rate, often 7x slower."""
+    """The peak FLOP/s of this card in this precision (TF32 unless --dtype=float32), or None (CPUs, other cards)."""
     if device.type != "cuda":
         return None
     words = torch.cuda.get_device_name(device).upper().replace("-", " ").split()
@@ -1571,8 +1564,8 @@ class KVCache:
 
     def extend(self, layer, k, v):
         """layer's new keys and values (B,nh,T,hs) after those it had: (B,nh,Tk,hs)."""
-        assert layer not in self.kv or k.size(2) == 1, "a KV cache takes one new character at a time (attention's mask)"
         if layer in self.kv:
+            assert k.size(2) == 1, "a KV cache takes one new character at a time (attention's mask)"
             k, v = torch.cat([self.kv[layer][0], k], dim=2), torch.cat([self.kv[layer][1], v], dim=2)
         self.kv[layer] = (k, v)
         return k, v
@@ -1581,7 +1574,8 @@ class KVCache:
 def sample_line(run):
     """A line of the model's own writing at each evaluation: eval_sample characters after the prompt, from a generator
     of its own seeded alike every time, so that training's random numbers are left alone."""
-    cfg, generator = run.cfg, torch.Generator().manual_seed(run.cfg.seed)  # on the CPU, where sample_next draws
+    cfg = run.cfg
+    generator = torch.Generator().manual_seed(cfg.seed)  # on the CPU, where sample_next draws
     idx = torch.tensor([encode_prompt(run.tokenizer, run.prompt)], device=run.device)
     new = stream(run.raw_model, idx, cfg.eval_sample, cfg.temperature, cfg.top_k, generator=generator)
     written = []
@@ -1601,9 +1595,10 @@ def encode_prompt(tokenizer, prompt):
 
 def sample(overrides, defaults=None, make_model=None):
     """--sample: num_samples texts from out_dir/ckpt.pt, each starting with the prompt."""
-    cfg, ckpt, _ = settings(overrides, defaults)
+    cfg, ckpt = settings(overrides, defaults)[:2]
     tokenizer, device = CharTokenizer(ckpt["vocab"]), resolve_device(cfg.device)
-    model = load_weights((make_model or GPT)(tokenizer.vocab_size, cfg), ckpt, Path(cfg.out_dir) / "ckpt.pt").to(device)
+    model = (make_model or GPT)(tokenizer.vocab_size, cfg)
+    model = load_weights(model, ckpt, Path(cfg.out_dir) / "ckpt.pt").to(device)
     torch.manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         print("---" if i else "", end="\n" if i else "")
