@@ -1217,8 +1217,8 @@ class Run(Machine):
         return f"{size / 1e6:.2f}M" if size >= 100_000 else f"{size:,}"  # the bigram's table: 4,225
 
     def announce(self, why, compiled_s):
-        """The header lines; then, unless auto's trial on a CPU gave it, a long run's note: from a training
-        step timed by rank 0 alone (the plain model, outside DDP), or from the compiled micro-batches."""
+        """The header lines; then a long run's note, unless auto's trial on a CPU gave it: from compiled_s, or a step
+        timed now by rank 0 alone (the plain model, outside DDP)."""
         cfg, n = self.cfg, self.world_size
         dtype = str(self.dtype).removeprefix("torch.")
         compiled = "on" if self.compiled else "off"
@@ -1236,16 +1236,14 @@ class Run(Machine):
             self.time_step(self.dtype, steps=2)  # gives the note: for it alone, a rough figure will do
 
     def time_step(self, dtype, steps=10):
-        """A training step's seconds in dtype, timed by rank 0 alone. The first one timed gives the note on a long
-        run: with auto on a CPU, float32's, before bfloat16's trial."""
+        """A training step's seconds in dtype, timed by rank 0 alone; the first one timed gives a long run's note."""
         autocast = autocast_to(self.device, dtype)
         seconds = seconds_per_step(self.raw_model, self.optimizer, self.cfg, self, autocast, steps)
         self.note(seconds, self.raw_model, dtype)
         return seconds
 
     def note(self, step_s, model, dtype):
-        """Once, before a new run, if it will take long (over half an hour): its steps at step_s seconds each,
-        and its evaluations' batches at the seconds of one, timed here in model and dtype."""
+        """Once, before a new run of over half an hour: its steps at step_s each, its evaluations timed here."""
         cfg = self.cfg
         if self.noted or self.ckpt or not (self.master and self.files):
             return
