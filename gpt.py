@@ -1142,6 +1142,7 @@ class Run(Machine):
         self.losses = None  # the last evaluation's, for the final line
         self.ms_per_iter = None  # none until some training steps are timed
         self.text = None  # the line of text written at the last evaluation
+        self.vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
         self.t_start = time.time() - (self.ckpt["elapsed_s"] if self.ckpt else 0.0)  # the runs it continues
         if self.ckpt and self.master:
             say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
@@ -1164,8 +1165,7 @@ class Run(Machine):
             raise UserError(out_of_memory(self.cfg, began=began)) from None
 
     def read_text(self, path):
-        vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
-        chars, data = read_corpus(path, vocab)
+        chars, data = read_corpus(path, self.vocab)
         return CharTokenizer(chars), data
 
     def prepare(self, model, optimizer, tokenizer, splits, cfg):
