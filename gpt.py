@@ -1110,7 +1110,7 @@ def out_of_memory(cfg, began=True):
 class Run(Machine):
     """A training run on a real machine, used as `with Run(...) as run:`: the settings (a checkpoint's when resuming),
     device, precision and processes, out_dir and its checkpoints, Ctrl-C, and the reports. `model` is what training
-    calls: `raw_model` (whose weights are saved) in DDP and compiled. ms/it and tok/s time the training steps alone."""
+    calls: `raw_model` (whose weights are saved) in DDP and compiled."""
 
     def __init__(self, overrides, defaults=None, files=True):
         device = overrides.get("device", starting_point(overrides, defaults).device)  # never a checkpoint's
@@ -1122,12 +1122,16 @@ class Run(Machine):
         self.out_dir = Path(self.cfg.out_dir)
         self.lock = None
         self.stop = None
+        self.noted = False  # whether the note on a long run was given
+        self.best_val = float("inf")  # restore() puts back a checkpoint's
+        self.losses = None  # the last evaluation's, for the final line
+        self.ms_per_iter = None  # none until some training steps are timed
+        self.text = None  # the line of text written at the last evaluation
         self.vocab = (self.ckpt or self.init or {}).get("vocab")  # a trained model keeps its own vocabulary
-        elapsed = self.ckpt["elapsed_s"] if self.ckpt else 0.0  # the time of the runs it continues
-        self.t_start = time.time() - elapsed
+        self.t_start = time.time() - (self.ckpt["elapsed_s"] if self.ckpt else 0.0)  # the runs it continues
         if self.ckpt and self.master:
             say_what_changed(self.ckpt, self.cfg, overrides, self.world_size)
-        with all_or_none(self.world_size):  # out_dir in use? say so now, in every process, not after compiling
+        with all_or_none(self.world_size):  # out_dir in use? say so now in every process, not after compiling
             if self.master and files and self.out_dir.is_dir():
                 self.lock = lock_out_dir(self.out_dir)
 
@@ -1141,44 +1145,42 @@ class Run(Machine):
         if self.lock:
             (self.out_dir / "train.lock").unlink(missing_ok=True)
             self.lock.close()  # the lock goes with it
-        if isinstance(error, torch.OutOfMemoryError):  # before prepare has the splits: the text or the model's
-            raise UserError(out_of_memory(self.cfg, began=getattr(self, "splits", None) is not None)) from None
+        if isinstance(error, torch.OutOfMemoryError):
+            began = getattr(self, "splits", None) is not None  # without splits: the text or the model's
+            raise UserError(out_of_memory(self.cfg, began=began)) from None
 
     def read_text(self, path):
-        """read_corpus's: a text of any size, a chunk at a time, tiny Shakespeare downloaded the first time; a model
-        trained before keeps its own vocabulary."""
         chars, data = read_corpus(path, self.vocab)
         return CharTokenizer(chars), data
 
     def prepare(self, model, optimizer, tokenizer, splits, cfg):
-        """The model as training calls it, fitted to this machine: a checkpoint's weights and state, the precision, the
-        random states, DDP, torch.compile; then out_dir, the Ctrl-C handler, the header lines, and a long run's note."""
+        """The model fitted to this machine; then out_dir, the Ctrl-C handler, the header and a long run's note."""
         device, master = self.device, self.master
-        self.raw_model, self.optimizer, self.tokenizer, self.splits = model, optimizer, tokenizer, splits
+        self.raw_model = model
+        self.optimizer = optimizer
+        self.tokenizer = tokenizer
+        self.splits = splits
         self.prompt = self.check_text_and_prompt()
         if self.init:  # fine-tuning: the weights of a trained model, and from here on a new run
             load_weights(model, self.init, cfg.init_from)
         if self.files:  # at once: what follows may time steps of the model for a minute
             self.log(self.plan(), flush=True)
-        self.batches = torch.Generator(device).manual_seed(cfg.seed)  # alike in every process: one global batch
-        self.noted = False  # whether the note on a long run was given
+        self.batches = torch.Generator(device).manual_seed(cfg.seed)  # alike everywhere: one global batch
         self.dtype, self.autocast, self.scaler, why = precision(cfg, device, self.time_step, self.world_size)
-        self.start_step, self.evaluated_step, self.best_val = 0, -1, float("inf")  # evaluated_step: not again
         if self.ckpt:
             self.restore(self.ckpt)
-        if not self.ckpt or self.rank > 0:  # dropout masks differ between processes (a checkpoint holds rank 0's)
+        if not self.ckpt or self.rank > 0:  # dropout masks differ per process (a checkpoint holds rank 0's)
             torch.manual_seed(cfg.seed + self.rank)
-        self.model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model  # averages gradients
+        self.model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model
         self.model, compiled_s = compile_model(self.model, cfg, self)  # a micro-batch's seconds, or None
         self.compiled = compiled_s is not None
         with all_or_none(self.world_size):
             if master and self.files:
                 self.lock = prepare_out_dir(self.out_dir, self.ckpt["step"] if self.ckpt else None, self.lock)
-        self.stop = StopRequest(self.world_size, quiet=not master)  # Ctrl-C or SIGTERM: stop after a step, and save
+        self.stop = StopRequest(self.world_size, quiet=not master)  # Ctrl-C or SIGTERM: stop after a step
         self.tokens_per_iter, self.flops_per_gpu = throughput(model, cfg, self.world_size)
         self.peak = peak_flops(device, self.dtype) if self.flops_per_gpu else None
         self.first_bad = torch.tensor(NONE, device=device)  # the first step whose loss was not finite
-        self.losses, self.ms_per_iter, self.text = None, None, None
         if self.files:  # a run, not bench.py's measurement: the header, and a note if it will take long
             self.announce(why, compiled_s)
         self.t_last, self.step_last = time.time(), self.start_step
@@ -1200,8 +1202,8 @@ class Run(Machine):
         return f"{size / 1e6:.2f}M" if size >= 100_000 else f"{size:,}"  # the bigram's table: 4,225
 
     def announce(self, why, compiled_s):
-        """The header lines; then, unless auto's trial on a CPU gave it, a long run's note: from a training
-        step timed by rank 0 alone (the plain model, outside DDP), or from the compiled micro-batches."""
+        """The header lines; then a long run's note, unless auto's trial on a CPU gave it: from compiled_s, or a step
+        timed now by rank 0 alone (the plain model, outside DDP)."""
         cfg, n = self.cfg, self.world_size
         dtype = str(self.dtype).removeprefix("torch.")
         compiled = "on" if self.compiled else "off"
@@ -1219,16 +1221,14 @@ class Run(Machine):
             self.time_step(self.dtype, steps=2)  # gives the note: for it alone, a rough figure will do
 
     def time_step(self, dtype, steps=10):
-        """A training step's seconds in dtype (seconds_per_step), timed by rank 0 alone. The first one timed
-        gives the note on a long run: with auto on a CPU, float32's, before bfloat16's trial."""
+        """A training step's seconds in dtype, timed by rank 0 alone; the first one timed gives a long run's note."""
         autocast = autocast_to(self.device, dtype)
         seconds = seconds_per_step(self.raw_model, self.optimizer, self.cfg, self, autocast, steps)
         self.note(seconds, self.raw_model, dtype)
         return seconds
 
     def note(self, step_s, model, dtype):
-        """Once, before a new run, if it will take long (over half an hour): its steps at step_s seconds each,
-        and its evaluations' batches at the seconds of one, timed here in model and dtype."""
+        """Once, before a new run of over half an hour: its steps at step_s each, its evaluations timed here."""
         cfg = self.cfg
         if self.noted or self.ckpt or not (self.master and self.files):
             return
@@ -1281,15 +1281,14 @@ class Run(Machine):
         if here == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.start_step, self.best_val = ckpt["step"], ckpt["best_val"]
-        # evaluated_step: behind the step if a Ctrl-C cut its evaluation short
-        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])
+        self.evaluated_step = ckpt.get("evaluated_step", ckpt["step"])  # behind if a Ctrl-C cut it short
 
     @contextlib.contextmanager
     def forward(self, last=True):
-        """Autocast to the training dtype; under DDP, the gradients are averaged only after the last micro-batch. An
-        evaluation that a Ctrl-C asked to give up stops here, before its next batch."""
+        """An evaluation that a Ctrl-C asked to give up stops here, before its next batch."""
         self.stop.check()
-        with self.autocast, self.model.no_sync() if not last and self.world_size > 1 else contextlib.nullcontext():
+        waits = not last and self.world_size > 1  # DDP averages the gradients after the last micro-batch only
+        with self.autocast, self.model.no_sync() if waits else contextlib.nullcontext():
             yield
 
     def log(self, *args, **kwargs):
@@ -1313,8 +1312,7 @@ class Run(Machine):
         save_checkpoint(self.out_dir / name, state)
 
     def evaluate(self, step, estimate):
-        """estimate() (estimate_loss) with the steps' clock stopped, a NaN in any process stopping all, the line of text
-        first, Ctrl-C giving either up within a batch: the means over all processes, or None where a Ctrl-C cut them."""
+        """With the steps' clock stopped, and a NaN in any process stopping all; a Ctrl-C gives up within a batch."""
         synchronize(self.device)  # so that the clock measures the steps, not just their launch
         if step > self.step_last:
             self.ms_per_iter = 1000 * (time.time() - self.t_last) / (step - self.step_last)
@@ -1323,7 +1321,7 @@ class Run(Machine):
         try:
             with self.stop.abandons():
                 self.text = sample_line(self) if self.master and self.cfg.eval_sample else None
-                means = torch.tensor([*estimate().values(), 0.0], device=self.device)  # 0: this process went through
+                means = torch.tensor([*estimate().values(), 0.0], device=self.device)  # 0: not abandoned here
         except Abandoned:
             means = torch.tensor([0.0, 0.0, 1.0], device=self.device)
             self.model.train()
@@ -1337,16 +1335,14 @@ class Run(Machine):
         return dict(zip(("train", "val"), means[:2].tolist(), strict=True))
 
     def report(self, step, losses, lr):
-        """The progress line, the line of text under it, a row of metrics.jsonl; ckpt.pt if val is the best yet.
-        Then the clock of the training steps goes on: ms/it leaves out the evaluation and the save."""
+        """Then the clock of the training steps goes on: ms/it leaves out the evaluation and the save."""
         cfg, ms = self.cfg, self.ms_per_iter
         self.losses = losses
         eval_s = time.time() - self.t_eval
         both = f"train {losses['train']:.4f} | val {losses['val']:.4f}"
         line = f"step {step}/{cfg.max_iters} | {both} | lr {lr:.1e}"
         if ms:
-            # tokens per ms = k tokens per s
-            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"
+            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms: k per s
             if self.peak:
                 line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%"
             left = cfg.max_iters - step
@@ -1372,7 +1368,7 @@ class Run(Machine):
         return self.stop.requested()
 
     def watch(self, step, loss):
-        """Note the step if its loss is not finite, on the device: the loop does not wait for the GPU."""
+        """On the device: the loop does not wait for the GPU."""
         self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
 
     def check_finite(self):
@@ -1387,7 +1383,6 @@ class Run(Machine):
             raise UserError(f"{stopped}. Likely causes: {too_high} or {too_coarse}; {kept}")
 
     def interrupted(self, step):
-        """Save last.pt at `step`, say how to go on, and return the exit status of a run stopped by a signal."""
         self.check_finite()  # never save a model that has already blown up
         with all_or_none(self.world_size):
             self.save("last.pt", step)
@@ -1397,8 +1392,7 @@ class Run(Machine):
         return 128 + (self.stop.signum or self.stop.agreed or signal.SIGTERM)
 
     def best_model(self):
-        """After the last step: the best model, from ckpt.pt, to write a sample (rank 0; the other processes are done:
-        None). A Ctrl-C from here on stops at once: nothing is left to save."""
+        """A Ctrl-C from here on stops at once: nothing is left to save."""
         leave_process_group(self.stop)
         if not self.master:
             return None
@@ -1413,7 +1407,6 @@ class Run(Machine):
         return load_weights(self.raw_model, best, self.out_dir / "ckpt.pt")
 
     def finish(self):
-        """The line that sums the run up (rank 0), and the exit status."""
         if self.master:
             both = f"train {self.losses['train']:.4f} | val {self.losses['val']:.4f}"
             summary = f"{both} | best val {self.best_val:.4f}"
