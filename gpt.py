@@ -1342,7 +1342,9 @@ class Run(Machine):
         both = f"train {losses['train']:.4f} | val {losses['val']:.4f}"
         line = f"step {step}/{cfg.max_iters} | {both} | lr {lr:.1e}"
         if ms:
-            line += f" | {ms:.1f} ms/it | {self.tokens_per_iter / ms:.0f}k tok/s"  # tokens per ms: k per s
+            tokens_per_s = self.tokens_per_iter / (ms / 1000)
+            speed = f"{tokens_per_s / 1000:.0f}k" if tokens_per_s >= 1000 else f"{tokens_per_s:.0f}"  # not "0k"
+            line += f" | {ms:.1f} ms/it | {speed} tok/s"
             if self.peak:
                 line += f" | mfu {100 * self.flops_per_gpu / (ms / 1000) / self.peak:.0f}%"
             left = cfg.max_iters - step

@@ -27,7 +27,7 @@ FIXED_NAMES = (
 ).split()
 PROGRESS = re.compile(
     r"^step (\d+)/(\d+) \| train (\d+\.\d{4}) \| val (\d+\.\d{4}) \| lr (\S+)"
-    r"( \| [\d.]+ ms/it \| \d+k tok/s \| eta \S+)?$"
+    r"( \| [\d.]+ ms/it \| \d+k? tok/s \| eta \S+)?$"
 )
 
 

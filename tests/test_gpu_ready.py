@@ -101,6 +101,17 @@ def test_the_progress_line_shows_mfu_against_the_cards_peak(corpus, capsys):
         assert "| mfu 25% |" in capsys.readouterr().out
 
 
+def test_tokens_per_second_read_in_thousands_and_below_a_thousand_whole(corpus, capsys):
+    """A step of TINY is 128 tokens: at 64 ms a step that is 2,000 tokens/s, "2k"; on a slow machine, at 512 ms,
+    250 tokens/s, shown as such rather than rounded to "0k"."""
+    with built([*TINY, f"--data={corpus}"]) as run:
+        run.t_eval = time.time()
+        for ms, shown in [(64.0, "| 2k tok/s |"), (512.0, "| 250 tok/s |")]:
+            run.ms_per_iter = ms
+            run.report(500, {"train": 2.0, "val": 2.1}, 1e-3)
+            assert shown in capsys.readouterr().out
+
+
 def test_checkpoint_saves_are_left_out_of_ms_per_it(corpus, tmp_path, monkeypatch):
     """ms/it, tok/s, mfu and eta time the training steps. Writing the model and AdamW's state after an evaluation
     (here made to take 0.4 s) belongs to the evaluation's pause, as the evaluation itself does."""
