@@ -86,6 +86,20 @@ def test_notebook_runs_in_fast_mode(path, fast_kernel_env):
     assert changed == [], "the notebook changed files in the repository"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_full_mode(path, fast_kernel_env, monkeypatch):
+    """The notebook as a learner runs it, at full scale: every claim that only a full run can hold (its `if not FAST:`
+    asserts: the GPT beats the bigram, the figures against the lecture's, the adder's accuracy, temperature) holds.
+    Its runs are saved in notebooks/runs/, which git ignores, as when a learner runs it."""
+    monkeypatch.delenv("GPT_NOTEBOOK_FAST")
+    nb = notebook_package("nbformat").reads(path.read_text(), as_version=4)
+    try:
+        execute(nb, timeout=3600)
+    except notebook_package("nbclient").exceptions.CellExecutionError as e:
+        pytest.fail(f"{path.name} failed in full mode:\n{ANSI_COLOUR.sub('', str(e))[-3000:]}")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_committed_notebooks_are_executed_and_name_no_machine(path):
     nbformat = notebook_package("nbformat")
