@@ -98,6 +98,14 @@ def test_notebook_runs_in_full_mode(path, fast_kernel_env, monkeypatch):
         execute(nb, timeout=3600)
     except notebook_package("nbclient").exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name} failed in full mode:\n{ANSI_COLOUR.sub('', str(e))[-3000:]}")
+    if path.name.startswith("03_"):  # the README's build-up table against the val losses this run has just measured
+        from test_readme import README, markdown_table
+
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        shown = [o.get("data", {}).get("text/markdown", "") for o in outputs]
+        measured = markdown_table(next(t for t in shown if t.startswith("| step | lecture |")), "| step | lecture |")
+        for step, (_, ours) in markdown_table(README, "| step | lecture | notebook 03 |").items():
+            assert abs(float(ours) - float(measured[step][2])) < 0.01, (step, ours, measured[step])  # CPUs round apart
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
